@@ -1,0 +1,236 @@
+"""Text templates and visual-prompt engineering of CLIPSeg (numpy only).
+
+Shared by training (the PC+ pipeline), inference and one-shot evaluation.
+
+The original (timojl/clipseg ``datasets/utils.py`` + ``evaluation_utils.img_preprocess``)
+applies blur / highlight / crop on the ImageNet-*normalised* float image and pads with 0,
+which is the mean colour after normalisation. Batches in this project stay uint8 and are
+normalised on device, so every mode here is computed in normalised space and mapped back with
+``round(clip((x * std + mean) * 255))``. After on-device normalisation the result differs
+from the original float tensor by at most 0.5/255 per channel before dividing by std (plus
+clipping of values the original produced outside the uint8 range, which only the ``- 0.01``
+of the ``blur*_highlight*`` modes can do, on pure-black pixels).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TEMPLATES_SHUFFLE_PLUS",
+    "VISUAL_PROMPT_MODES",
+    "render_visual_prompt",
+    "resize_bilinear_align_corners",
+    "resize_nearest",
+    "apply_template",
+]
+
+# Order as in the original `get_prompt_list('shuffle+')` (models/clipseg.py).
+TEMPLATES_SHUFFLE_PLUS: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photograph of a {}.",
+    "an image of a {}.",
+    "{}.",
+    "a cropped photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of one {}.",
+    "a bad photo of a {}.",
+    "a photo of the {}.",
+)
+
+# Table 2 / `blend_image_segmentation` modes that produce one 3-channel image.
+# Not supported: `blur_highlight_random` (needs an RNG argument), `concat` (4 channels) and
+# the `separate*` modes (return (image, mask) pairs for a masked CLIP variant not ported here).
+VISUAL_PROMPT_MODES: tuple[str, ...] = (
+    "crop_blur_highlight352",
+    "crop_blur_highlight",
+    "crop",
+    "blur3_highlight01",
+    "blur3_highlight",
+    "blur_highlight",
+    "highlight",
+    "highlight2",
+    "overlay",
+    "shape",
+    "image_only",
+    "image_black",
+)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+# (blur sigma, bg_fac, center_context, offset) per img_preprocess-based mode.
+_PREPROCESS_MODES: dict[str, tuple[float, float, float | None, float]] = {
+    "crop_blur_highlight352": (3.0, 0.1, 0.1, 0.0),
+    "crop_blur_highlight": (3.0, 0.1, 0.1, 0.0),
+    "crop": (1.0, 1.0, 0.1, 0.0),
+    "blur3_highlight01": (3.0, 0.1, None, -0.01),
+    "blur3_highlight": (3.0, 0.5, None, -0.01),
+    "blur_highlight": (1.0, 0.5, None, -0.01),
+}
+
+# cv2.GaussianBlur(ksize=(15, 15)) == a separable Gaussian of radius 7 with BORDER_REFLECT_101
+# ("mirror" in scipy); truncate = 7 / sigma gives exactly that radius.
+_BLUR_RADIUS = 7
+
+
+def apply_template(template: str, phrase: str) -> str:
+    """Fill a `{}` template with a phrase."""
+    return template.format(phrase)
+
+
+def resize_bilinear_align_corners(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with align_corners=True (torch `F.interpolate` as the original uses it).
+
+    image: (H, W, C) or (H, W), any numeric dtype; returns float32.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    h, w = img.shape[:2]
+    oh, ow = size
+
+    def coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if n_out == 1 or n_in == 1:
+            src = np.zeros(n_out, dtype=np.float64)
+        else:
+            src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+        i0 = np.clip(np.floor(src).astype(np.int64), 0, n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, (src - i0).astype(np.float32)
+
+    y0, y1, fy = coords(h, oh)
+    x0, x1, fx = coords(w, ow)
+    extra = (slice(None),) + (None,) * (img.ndim - 1)
+    extra_x = (None, slice(None)) + (None,) * (img.ndim - 2)
+    top = img[y0] * (1 - fy)[extra] + img[y1] * fy[extra]
+    return top[:, x0] * (1 - fx)[extra_x] + top[:, x1] * fx[extra_x]
+
+
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest resize with torch's legacy 'nearest' rule: src = floor(dst * in / out)."""
+    h, w = array.shape[:2]
+    oh, ow = size
+    ys = np.minimum((np.arange(oh) * (h / oh)).astype(np.int64), h - 1)
+    xs = np.minimum((np.arange(ow) * (w / ow)).astype(np.int64), w - 1)
+    return array[ys][:, xs]
+
+
+def _normalize(image_u8: np.ndarray) -> np.ndarray:
+    return (image_u8.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _denormalize_to_uint8(x: np.ndarray) -> np.ndarray:
+    y = (x * IMAGENET_STD + IMAGENET_MEAN) * 255.0
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(
+        x, sigma=(sigma, sigma, 0), mode="mirror", truncate=_BLUR_RADIUS / sigma
+    )
+
+
+def mask_crop_box(mask: np.ndarray, context: float) -> tuple[int, int, int, int]:
+    """Bounding box (y0, y1, x0, x1) of the foreground, each side enlarged by `context` × extent.
+
+    Follows `evaluation_utils.crop_mask`: bounds are truncated with int() after clipping to
+    the image. The original clips columns to H and rows to W (swapped); that only matters for
+    non-square inputs, where this function clips each axis to its own size.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    ph, pw = y1 - y0, x1 - x0
+    h, w = mask.shape
+    return (
+        int(max(0, y0 - context * ph)),
+        int(min(h, y1 + context * ph)),
+        int(max(0, x0 - context * pw)),
+        int(min(w, x1 + context * pw)),
+    )
+
+
+def _pad_to_square(x: np.ndarray) -> np.ndarray:
+    h, w = x.shape[:2]
+    if h > w:
+        a = (h - w) // 2
+        return np.pad(x, ((0, 0), (a, h - w - a), (0, 0)))
+    if w > h:
+        a = (w - h) // 2
+        return np.pad(x, ((a, w - h - a), (0, 0), (0, 0)))
+    return x
+
+
+def render_visual_prompt(
+    image: np.ndarray, mask: np.ndarray, mode: str = "crop_blur_highlight352", size: int = 352
+) -> np.ndarray:
+    """Render a support image + mask into CLIPSeg's visual prompt.
+
+    Args:
+      image: uint8 (H, W, 3) RGB (a (H, W) grayscale image is replicated to 3 channels).
+      mask: (H, W) bool or {0,1} integer mask of the object; must not be empty.
+      mode: one of `VISUAL_PROMPT_MODES`.
+      size: output side. An input that is not size×size is first resized to it
+        (bilinear, align_corners=True; mask nearest), as the original renders supports at
+        the dataset resolution. For PC+-style supports, square-crop before calling.
+
+    Returns:
+      uint8 (size, size, 3); on-device ImageNet normalisation of it reproduces the original's
+      float visual prompt to within 0.5/255 (see module docstring).
+    """
+    if mode not in VISUAL_PROMPT_MODES:
+        raise ValueError(f"unknown visual prompt mode {mode!r}; expected one of {VISUAL_PROMPT_MODES}")
+    image = np.asarray(image)
+    mask = np.asarray(mask)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must have shape (H, W, 3) or (H, W); got {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8; got {image.dtype}")
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[:, :, 0]
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape[:2]}")
+    if not np.isin(np.unique(mask), (0, 1)).all():
+        raise ValueError("mask must be boolean or contain only 0 and 1")
+    if size < 1:
+        raise ValueError(f"size must be positive; got {size}")
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueError("mask is empty: a visual prompt needs at least one foreground pixel")
+
+    if image.shape[:2] != (size, size):
+        image = np.clip(np.rint(resize_bilinear_align_corners(image, (size, size))), 0, 255).astype(np.uint8)
+        mask = resize_nearest(mask, (size, size))
+        if not mask.any():
+            raise ValueError(f"mask vanished when resized to {size}x{size}; object too small")
+
+    x = _normalize(image)
+    m = mask.astype(np.float32)[:, :, None]
+
+    if mode in _PREPROCESS_MODES:
+        sigma, bg_fac, context, offset = _PREPROCESS_MODES[mode]
+        blurred = _blur(x, sigma) if sigma > 0 else x
+        out = x * m + bg_fac * blurred * (1.0 - m)
+        if context is not None:
+            y0, y1, x0, x1 = mask_crop_box(mask, context)
+            out = _pad_to_square(out[y0:y1, x0:x1])
+            out = resize_nearest(out, (size, size))
+        out = out + offset
+    elif mode == "overlay":
+        out = x * m
+    elif mode == "highlight":
+        out = x * m * 0.85 + 0.15 * x
+    elif mode == "highlight2":
+        half = x / 2
+        out = (half + 0.1) * m + 0.3 * half
+    elif mode == "shape":
+        out = np.repeat(m, 3, axis=2)
+    elif mode == "image_only":
+        out = x
+    else:  # image_black
+        out = np.zeros_like(x)
+    return _denormalize_to_uint8(out)
