@@ -1,0 +1,258 @@
+"""The frozen CLIP towers CLIPSeg conditions on: a ViT that returns intermediate residual streams, and the text
+transformer that gives the conditional embedding.
+
+Module and attribute names mirror `transformers.models.clipseg.modeling_clipseg` (`self_attn/q_proj`, `mlp/fc1`,
+`pre_layrnorm` — sic), so the parameter tree *is* the HF state dict split on dots and weight conversion is a per-leaf
+rule (see `clipseg_jax.weights.hf`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clipseg_jax.config import TextConfig, VisionConfig
+
+Array = jax.Array
+
+
+def quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # torch semantics: eps inside the sqrt, two-pass variance (flax's fast variance differs by ~1e-7 relative).
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+def dense(n_in: int, n_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, rngs=rngs)
+
+
+def attention_weights(q: Array, k: Array, bias: Array | None) -> Array:
+    """Softmax attention probabilities, (B, heads, Lq, Lk), computed in float32 like HF."""
+    scale = q.shape[-1] ** -0.5
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        s = s + bias
+    return jax.nn.softmax(s, axis=-1)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (HF `CLIPSegAttention`)."""
+
+    def __init__(self, dim: int, num_heads: int, *, dtype=jnp.float32, dropout: float = 0.0, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.q_proj = dense(dim, dim, dtype, rngs)
+        self.k_proj = dense(dim, dim, dtype, rngs)
+        self.v_proj = dense(dim, dim, dtype, rngs)
+        self.out_proj = dense(dim, dim, dtype, rngs)
+        # Attention-probability dropout: only the decoder uses it (torch TransformerEncoderLayer), in training.
+        self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout else None
+
+    def __call__(self, x: Array, bias: Array | None = None) -> Array:
+        b, n, d = x.shape
+        split = lambda t: t.reshape(b, n, self.num_heads, d // self.num_heads)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        if self.dropout is None:
+            o = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+        else:
+            p = self.dropout(attention_weights(q, k, bias)).astype(v.dtype)
+            o = jnp.einsum("bhqk,bkhd->bqhd", p, v)
+        return self.out_proj(o.reshape(b, n, d))
+
+
+class MLP(nnx.Module):
+    def __init__(self, dim: int, hidden: int, act: str, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.act = act
+        self.fc1 = dense(dim, hidden, dtype, rngs)
+        self.fc2 = dense(hidden, dim, dtype, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+
+
+class EncoderLayer(nnx.Module):
+    """Pre-LN CLIP block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: VisionConfig | TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.self_attn = Attention(d, cfg.num_attention_heads, dtype=dtype, rngs=rngs)
+        self.layer_norm1 = layer_norm(d, cfg.layer_norm_eps, dtype, rngs)
+        self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = layer_norm(d, cfg.layer_norm_eps, dtype, rngs)
+
+    def __call__(self, x: Array, bias: Array | None = None) -> Array:
+        x = x + self.self_attn(self.layer_norm1(x), bias)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: VisionConfig | TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+
+
+@functools.lru_cache(maxsize=64)
+def torch_bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """(n_out, n_in) matrix of `torch.nn.functional.interpolate(mode='bicubic', align_corners=False)` along one axis.
+
+    Keys cubic with A=-0.75, source coordinate (dst + 0.5) * n_in / n_out - 0.5, taps clamped to the edge. Exact
+    (float64) so the interpolated position table equals PyTorch's to float32 rounding.
+    """
+
+    def c1(x: float) -> float:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def c2(x: float) -> float:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    m = np.zeros((n_out, n_in), np.float64)
+    scale = n_in / n_out
+    for o in range(n_out):
+        src = scale * (o + 0.5) - 0.5
+        i0 = int(np.floor(src))
+        t = src - i0
+        for k, w in enumerate((c2(t + 1), c1(t), c1(1 - t), c2(2 - t))):
+            m[o, min(max(i0 - 1 + k, 0), n_in - 1)] += w
+    return m
+
+
+class VisionEmbeddings(nnx.Module):
+    """Patch conv + class token + position embeddings, bicubically resampled (PyTorch semantics) to the input grid."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,)) * 0.02)
+        self.patch_embedding = nnx.Conv(
+            cfg.num_channels, d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=dtype, rngs=rngs
+        )
+        self.position_embedding = nnx.Embed(cfg.num_positions, d, dtype=dtype, rngs=rngs)
+
+    def position_table(self, grid_h: int, grid_w: int) -> Array:
+        """The (1 + grid_h*grid_w, D) position table for a grid_h x grid_w patch grid (HF `interpolate_pos_encoding`)."""
+        table = self.position_embedding.embedding[...]
+        n = table.shape[0] - 1
+        side = int(round(n**0.5))
+        if grid_h * grid_w == n and grid_h == grid_w:
+            return table
+        mh = jnp.asarray(torch_bicubic_matrix(side, grid_h), table.dtype)
+        mw = jnp.asarray(torch_bicubic_matrix(side, grid_w), table.dtype)
+        grid = table[1:].reshape(side, side, -1)
+        grid = jnp.einsum("ai,bj,ijc->abc", mh, mw, grid, precision=jax.lax.Precision.HIGHEST)
+        return jnp.concatenate([table[:1], grid.reshape(grid_h * grid_w, -1)], axis=0)
+
+    def __call__(self, pixel_values: Array) -> Array:
+        x = self.patch_embedding(pixel_values)  # (B, h, w, D), row-major tokens like torch's flatten(2)
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, d))
+        x = jnp.concatenate([cls, x], axis=1)
+        return x + self.position_table(h, w).astype(x.dtype)
+
+
+class VisionTransformer(nnx.Module):
+    """CLIP ViT (HF `CLIPSegVisionTransformer`) that returns the residual stream after chosen blocks."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embeddings = VisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
+        self.pre_layrnorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
+        self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
+        self.post_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
+
+    def __call__(
+        self, pixel_values: Array, extract_layers: Sequence[int] = (), pooled: bool = False
+    ) -> tuple[list[Array], Array | None]:
+        """Returns ([residual stream after block i for i in extract_layers], pooled CLS or None).
+
+        Only the blocks something needs are run: up to max(extract_layers), or all of them when `pooled`.
+        """
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        layers = self.encoder.layers
+        last = len(layers) if pooled else max(extract_layers, default=-1) + 1
+        taken = {}
+        for i in range(last):
+            x = layers[i](x)
+            if i in extract_layers:
+                taken[i] = x
+        pooled_out = self.post_layernorm(x[:, 0]) if pooled else None
+        return [taken[i] for i in extract_layers], pooled_out
+
+
+class TextEmbeddings(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids: Array) -> Array:
+        n = input_ids.shape[1]
+        return self.token_embedding(input_ids) + self.position_embedding.embedding[:n].astype(self.token_embedding.dtype)
+
+
+class TextTransformer(nnx.Module):
+    """Causal CLIP text transformer; returns the final-LN feature at the EOS position (before projection)."""
+
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embeddings = TextEmbeddings(cfg, dtype=dtype, rngs=rngs)
+        self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
+        self.final_layer_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        n = input_ids.shape[1]
+        if n > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {n} tokens: at most max_position_embeddings={self.cfg.max_position_embeddings}"
+            )
+        x = self.embeddings(input_ids)
+        allowed = jnp.tril(jnp.ones((n, n), bool))[None, None]
+        if attention_mask is not None:
+            allowed = allowed & (attention_mask[:, None, None, :] > 0)
+        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        for layer in self.encoder.layers:
+            x = layer(x, bias)
+        x = self.final_layer_norm(x)
+        if self.cfg.eos_token_id == 2:
+            # Legacy CIDAS configs (eos_token_id 2): HF and the original pool at argmax(ids), the EOT token 49407.
+            pos = jnp.argmax(input_ids, axis=-1)
+        else:
+            pos = jnp.argmax((input_ids == self.cfg.eos_token_id).astype(jnp.int32), axis=-1)
+        return jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+
+
+class CLIPModel(nnx.Module):
+    """HF `CLIPSegModel`'s parameters (the `clip.` prefix of the segmentation checkpoint)."""
+
+    def __init__(
+        self, text: TextConfig, vision: VisionConfig, projection_dim: int, logit_scale: float,
+        *, dtype=jnp.float32, rngs: nnx.Rngs,
+    ):
+        self.text_model = TextTransformer(text, dtype=dtype, rngs=rngs)
+        self.vision_model = VisionTransformer(vision, dtype=dtype, rngs=rngs)
+        self.visual_projection = dense(vision.hidden_size, projection_dim, dtype, rngs, use_bias=False)
+        self.text_projection = dense(text.hidden_size, projection_dim, dtype, rngs, use_bias=False)
+        # Unused by segmentation, kept so checkpoints round-trip.
+        self.logit_scale = nnx.Param(jnp.asarray(logit_scale, jnp.float32))
+
+    def get_text_features(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        return self.text_projection(self.text_model(input_ids, attention_mask))
+
+    def get_image_features(self, pixel_values: Array) -> Array:
+        _, pooled = self.vision_model(pixel_values, pooled=True)
+        return self.visual_projection(pooled)

@@ -1,0 +1,135 @@
+"""CLIPSeg's trainable decoder: token-wise reductions of the CLIP activations, FiLM conditioning, post-LN
+transformer layers, and the plain or refined ("complex") transposed-convolution head (HF `CLIPSegDecoder`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clipseg_jax.config import CLIPSegConfig
+from clipseg_jax.model.clip import MLP, Attention, dense, layer_norm
+
+Array = jax.Array
+
+
+class DecoderLayer(nnx.Module):
+    """torch `TransformerEncoderLayer` defaults (post-LN, ReLU MLP): LN1(x + attn(x)), then LN2(x + mlp(x)).
+
+    Dropout sits where torch puts it (attention probabilities, after attention, after the ReLU, after the MLP) and
+    is active only in train mode (`model.train()`).
+    """
+
+    def __init__(self, dim: int, heads: int, hidden: int, eps: float, dropout: float, *, dtype, rngs: nnx.Rngs):
+        self.self_attn = Attention(dim, heads, dtype=dtype, dropout=dropout, rngs=rngs)
+        self.layer_norm1 = layer_norm(dim, eps, dtype, rngs)
+        self.mlp = MLP(dim, hidden, "relu", dtype=dtype, rngs=rngs)
+        self.layer_norm2 = layer_norm(dim, eps, dtype, rngs)
+        self.dropout1 = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+        self.dropout_act = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+        self.dropout2 = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        x = self.layer_norm1(x + self.dropout1(self.self_attn(x)))
+        h = self.mlp.fc2(self.dropout_act(jax.nn.relu(self.mlp.fc1(x))))
+        return self.layer_norm2(x + self.dropout2(h))
+
+
+class PatchTransposedConv(nnx.Module):
+    """`torch.nn.ConvTranspose2d(c_in, c_out, k, stride=k)` for kernel == stride (every upsampling in CLIPSeg).
+
+    The kernel is stored (kh, kw, c_out, c_in) — flax's `ConvTranspose(transpose_kernel=True)` layout, i.e. the torch
+    weight `(c_in, c_out, kh, kw).transpose(2, 3, 1, 0)` like every other 4-D weight — and applied as a
+    non-overlapping patch expansion (one einsum) instead of a dilated convolution.
+    """
+
+    def __init__(self, c_in: int, c_out: int, k: int, *, dtype, rngs: nnx.Rngs):
+        self.k, self.dtype = k, dtype
+        bound = 1.0 / math.sqrt(c_out * k * k)  # torch's default init bound for ConvTranspose2d
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (k, k, c_out, c_in), minval=-bound, maxval=bound))
+        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (c_out,), minval=-bound, maxval=bound))
+
+    def __call__(self, x: Array) -> Array:
+        n, h, w, _ = x.shape
+        kern = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum("nhwc,ijoc->nhiwjo", x.astype(self.dtype), kern)
+        y = y.reshape(n, h * self.k, w * self.k, kern.shape[2])
+        return y + self.bias[...].astype(self.dtype)
+
+
+class ReLU(nnx.Module):
+    """Parameter-free slot so the refined head's indices (0, 2, 4) match torch's `nn.Sequential`."""
+
+    def __call__(self, x: Array) -> Array:
+        return jax.nn.relu(x)
+
+
+class CLIPSegDecoder(nnx.Module):
+    def __init__(self, cfg: CLIPSegConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        v, d = cfg.vision_config, cfg.reduce_dim
+        self.conditional_layer = cfg.conditional_layer
+        self.film_mul = dense(cfg.projection_dim, d, dtype, rngs)
+        self.film_add = dense(cfg.projection_dim, d, dtype, rngs)
+        self.reduces = nnx.List([dense(v.hidden_size, d, dtype, rngs) for _ in cfg.extract_layers])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(
+                    d, cfg.decoder_num_attention_heads, cfg.decoder_intermediate_size, v.layer_norm_eps,
+                    cfg.decoder_dropout, dtype=dtype, rngs=rngs,
+                )
+                for _ in cfg.extract_layers
+            ]
+        )
+        if cfg.use_complex_transposed_convolution:
+            k = v.patch_size // 4
+            self.transposed_convolution = nnx.List(
+                [
+                    nnx.Conv(d, d, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs),
+                    ReLU(),
+                    PatchTransposedConv(d, d // 2, k, dtype=dtype, rngs=rngs),
+                    ReLU(),
+                    PatchTransposedConv(d // 2, 1, k, dtype=dtype, rngs=rngs),
+                ]
+            )
+        else:
+            self.transposed_convolution = PatchTransposedConv(d, 1, v.patch_size, dtype=dtype, rngs=rngs)
+
+    def reduce(self, activations: Sequence[Array]) -> list[Array]:
+        """Token-wise `reduces[i]` of the activations, deepest first (the decoder's order). Linear, so it may be
+        applied once per image and then repeated for every prompt of that image."""
+        return [r(a) for a, r in zip(activations[::-1], self.reduces)]
+
+    def __call__(
+        self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1,
+        reduced: Sequence[Array] | None = None,
+    ) -> Array:
+        """activations: per extract layer (N, 1+h*w, width) in extract_layers order; conditional_embeddings:
+        (N*prompts_per_image, projection_dim), prompt-major within each image. Returns logits (N*K, H, W)."""
+        red = list(reduced) if reduced is not None else self.reduce(activations)
+        k = prompts_per_image
+        if k > 1:
+            red = [jnp.repeat(r, k, axis=0) for r in red]
+        out = None
+        for i, (a, layer) in enumerate(zip(red, self.layers)):
+            out = a if out is None else a + out
+            if i == self.conditional_layer:
+                out = self.film_mul(conditional_embeddings)[:, None] * out + self.film_add(conditional_embeddings)[:, None]
+            out = layer(out)
+        tokens = out[:, 1:]
+        b, n, d = tokens.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(
+                f"the decoder needs a square patch grid (as HF's and the original's), got {n} patch tokens"
+            )
+        x = tokens.reshape(b, side, side, d)
+        head = self.transposed_convolution
+        if isinstance(head, nnx.List):
+            for m in head:
+                x = m(x)
+        else:
+            x = head(x)
+        return x[..., 0]

@@ -1,0 +1,201 @@
+"""Hugging Face CLIPSeg state dict <-> our NNX parameters, both directions, by one rule per leaf.
+
+The parameter path *is* the HF key split on dots (`clip/vision_model/encoder/layers/3/self_attn/q_proj/kernel` <->
+`clip.vision_model.encoder.layers.3.self_attn.q_proj.weight`); only the leaf name and layout change:
+
+| ours            | HF            | transform                                                             |
+|-----------------|---------------|-----------------------------------------------------------------------|
+| kernel, 2-D     | weight        | transpose (Linear stores (out, in))                                   |
+| kernel, 4-D     | weight        | (kh, kw, a, b) <-> torch (b, a, kh, kw): Conv2d (out, in, kh, kw) and |
+|                 |               | ConvTranspose2d (in, out, kh, kw) take the same permutation           |
+| scale / embedding | weight      | none (LayerNorm / Embedding)                                          |
+| anything else   | same name     | none (bias, class_embedding, logit_scale)                             |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clipseg_jax.config import CLIPSegConfig
+from clipseg_jax.model.clipseg import CLIPSeg
+
+# Buffers and never-used weights that appear in some published files.
+IGNORED_KEYS = ("clip.text_model.embeddings.position_ids", "clip.vision_model.embeddings.position_ids")
+
+_TO_HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def hf_key(path: tuple) -> str:
+    """Our parameter path -> HF state-dict key."""
+    *parents, leaf = (str(p) for p in path)
+    return ".".join([*parents, _TO_HF_LEAF.get(leaf, leaf)])
+
+
+def to_ours(leaf: str, w: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and w.ndim == 2:
+        return w.T
+    if leaf == "kernel" and w.ndim == 4:
+        return w.transpose(2, 3, 1, 0)
+    return w
+
+
+def to_hf(leaf: str, w: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and w.ndim == 2:
+        return w.T
+    if leaf == "kernel" and w.ndim == 4:
+        return w.transpose(3, 2, 0, 1)
+    return w
+
+
+def abstract_model(config: CLIPSegConfig, dtype=jnp.float32) -> CLIPSeg:
+    """The model with shapes only (no random init of 150M parameters)."""
+    return nnx.eval_shape(lambda: CLIPSeg(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def _materialize_non_params(state: nnx.State) -> nnx.State:
+    def make(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)
+        return jnp.zeros(x.shape, x.dtype)
+
+    return jax.tree.map(make, state)
+
+
+def model_from_state_dict(
+    state_dict: Mapping[str, np.ndarray], config: CLIPSegConfig, dtype=jnp.float32, source: str = "checkpoint"
+) -> CLIPSeg:
+    """Build a `CLIPSeg` from an HF-named state dict (numpy arrays). Parameters are stored in float32.
+
+    A missing key or a shape mismatch raises one ValueError naming the key and both shapes; keys the model does not
+    have (other than known buffers) are an error too, since they mean the config does not match the weights.
+    """
+    graphdef, params, rest = nnx.split(abstract_model(config, dtype), nnx.Param, ...)
+    flat = nnx.to_flat_state(params)
+    leaves, used = [], set()
+    for path, var in flat:
+        key = hf_key(path)
+        if key not in state_dict:
+            raise ValueError(f"{source}: missing key {key!r} (expected shape {_torch_shape(str(path[-1]), var.shape)})")
+        w = to_ours(str(path[-1]), np.asarray(state_dict[key]))
+        if tuple(w.shape) != tuple(var.shape):
+            raise ValueError(
+                f"{source}: key {key!r} has shape {tuple(np.shape(state_dict[key]))}, the config expects "
+                f"{_torch_shape(str(path[-1]), var.shape)}"
+            )
+        leaves.append((path, var.replace(jnp.asarray(w, jnp.float32))))
+        used.add(key)
+    extra = sorted(k for k in state_dict if k not in used and not k.endswith(IGNORED_KEYS))
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ValueError(f"{source}: unexpected keys {extra[:5]}{more}: the config does not match these weights")
+    params = nnx.from_flat_state(leaves)
+    return nnx.merge(graphdef, params, _materialize_non_params(rest))
+
+
+def _torch_shape(leaf: str, shape: tuple) -> tuple:
+    return tuple(to_hf(leaf, np.empty(shape, np.uint8)).shape)
+
+
+def state_dict_from_model(model: CLIPSeg) -> dict[str, np.ndarray]:
+    """Our parameters as an HF-named float32 state dict (contiguous numpy arrays)."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out[hf_key(path)] = np.array(to_hf(str(path[-1]), np.asarray(var[...], np.float32)), order="C")
+    return out
+
+
+# -- reading and writing HF checkpoint directories ------------------------------------------------------------
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load `model.safetensors` / `pytorch_model.bin` (or their sharded index) as float32 numpy arrays.
+
+    `.bin` files are read with `torch.load(weights_only=True)`: no code from a checkpoint ever runs.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).exists():
+                return read_state_dict(path / name)
+        raise FileNotFoundError(f"{path}: no {' / '.join(WEIGHT_FILES)} in this directory")
+    if path.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{path}: not a weight index (expected a 'weight_map' object): {e}") from None
+        out: dict[str, np.ndarray] = {}
+        for shard in shards:
+            out.update(read_state_dict(path.parent / shard))
+        return out
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="flax") as f:
+            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{path}: reading PyTorch .bin/.pth files needs torch: pip install 'clipseg-jax[torch]'"
+        ) from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise ValueError(f"{path}: not a PyTorch state dict readable with weights_only=True ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a state dict (mapping of names to tensors), got {type(sd).__name__}")
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items() if hasattr(v, "detach")}
+
+
+def write_hf_directory(model: CLIPSeg, out_dir: str | os.PathLike, extra_files: Mapping[str, str | os.PathLike] = ()) -> Path:
+    """Write `config.json` + `model.safetensors` that `CLIPSegForImageSegmentation.from_pretrained` loads.
+
+    Written to a temporary sibling directory, then renamed, so a failure leaves nothing half-written.
+    `extra_files` maps file names (e.g. tokenizer files) to sources to copy alongside.
+    """
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: exists and is not empty")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        cfg = model.config.to_dict()
+        cfg["torch_dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_file(state_dict_from_model(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, src in dict(extra_files).items():
+            shutil.copyfile(src, tmp / name)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
