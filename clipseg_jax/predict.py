@@ -1,0 +1,320 @@
+"""Jitted inference: each image is encoded once for any number of text and visual prompts.
+
+Host side: decode, convert to RGB uint8, resize to 352x352 exactly as the HF processor does (PIL bilinear), tokenize.
+Device side (jitted, bucketed static shapes): uint8 -> ImageNet normalisation, the 10 ViT blocks the decoder needs,
+the decoder for every (image, prompt) pair, sigmoid. Text embeddings are cached per prompt string.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image, UnidentifiedImageError
+
+from clipseg_jax.model.clipseg import CLIPSeg
+from clipseg_jax.tokenizer import CLIPTokenizer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PROMPT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+ImageLike = Any  # path, PIL.Image, or HxWx3 / HxW uint8 array
+
+
+def normalize(pixels: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """uint8 (..., 3) -> ImageNet-normalised float, on device (what the HF processor does after its resize)."""
+    x = pixels.astype(jnp.float32) * (1.0 / 255.0)
+    x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return x.astype(dtype)
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """Any supported input -> RGB uint8 (H, W, 3). RGBA/LA/P are converted like PIL's convert('RGB') (alpha dropped,
+    as the HF processor does); grayscale is replicated; 16-bit images are scaled to 8 bits."""
+    name = None
+    if isinstance(image, (str, os.PathLike)):
+        name = str(image)
+        try:
+            with Image.open(name) as im:
+                im.load()
+                image = im.copy()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name}: no such image file") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"{name}: not an image (PIL cannot identify it)") from None
+        except OSError as e:  # truncated / corrupt data
+            raise ValueError(f"{name}: cannot decode image ({e})") from None
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(image).astype(np.float64)
+            arr = (arr / (65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0) * 255.0).round()
+            image = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L")
+        arr = np.asarray(image.convert("RGB"))
+    else:
+        arr = np.asarray(image)
+        what = name or "image array"
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise ValueError(f"{what}: shape {arr.shape}, expected (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) gray")
+        arr = arr[..., :3]
+        if arr.dtype == np.uint16:
+            arr = (arr.astype(np.float64) / 65535.0 * 255.0).round().astype(np.uint8)
+        elif np.issubdtype(arr.dtype, np.floating):
+            if arr.size and (arr.min() < 0 or arr.max() > 1):
+                raise ValueError(f"{what}: float image with values outside [0, 1]; pass uint8 or floats in [0, 1]")
+            arr = (arr * 255.0).round().astype(np.uint8)
+        elif arr.dtype != np.uint8:
+            raise ValueError(f"{what}: dtype {arr.dtype}, expected uint8, uint16 or float in [0, 1]")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name or 'image'}: empty image of shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
+    """HF `ViTImageProcessor` resize: PIL bilinear (antialiased when shrinking) on the uint8 image."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of `torch.nn.functional.interpolate(mode='bilinear', align_corners=False)` on one axis."""
+    m = np.zeros((n_out, n_in), np.float32)
+    src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    t = (src - i0).astype(np.float32)
+    m[np.arange(n_out), i0] += 1 - t
+    m[np.arange(n_out), i1] += t
+    return m
+
+
+def resize_probs(p: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(K, S, S) -> (K, h, w) bilinear, as two small matmuls on the host (no recompilation per image size)."""
+    if p.shape[-2:] == (h, w):
+        return p
+    mh, mw = bilinear_matrix(p.shape[-2], h), bilinear_matrix(p.shape[-1], w)
+    return np.clip(np.einsum("hi,kij,wj->khw", mh, p, mw, optimize=True), 0.0, 1.0)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    return buckets[-1]
+
+
+class Predictor:
+    """Text- and visual-prompted segmentation with one image encoding per image.
+
+    >>> pred = Predictor.from_pretrained("CIDAS/clipseg-rd64-refined")
+    >>> probs = pred.predict(["cats.jpg"], ["a cat", "a remote"])   # (1, 2, H, W) float32 in [0, 1]
+    """
+
+    def __init__(self, model: CLIPSeg, tokenizer: CLIPTokenizer | None = None, image_size: int = 352,
+                 text_cache_size: int = 4096):
+        self.model = model
+        self.tokenizer = tokenizer or CLIPTokenizer.from_pretrained(None)
+        self.image_size = image_size
+        self.dtype = model.dtype
+        self._graphdef, self._state = nnx.split(model)
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_cache_size = text_cache_size
+        self._jit_text = jax.jit(self._text_fn)
+        self._jit_image_features = jax.jit(self._image_features_fn)
+        self._jit_segment = jax.jit(self._segment_fn, static_argnames=("k",))
+        self._jit_segment_pairs = jax.jit(self._segment_pairs_fn)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype=jnp.float32, **kwargs) -> "Predictor":
+        from clipseg_jax.loading import from_pretrained, resolve
+
+        path = resolve(name_or_path)
+        return cls(from_pretrained(path, dtype=dtype), CLIPTokenizer.from_pretrained(path), **kwargs)
+
+    # -- jitted pieces (pure functions of the split model state) ------------------------------------------
+    def _text_fn(self, state, ids, mask):
+        return nnx.merge(self._graphdef, state).get_text_features(ids, mask).astype(jnp.float32)
+
+    def _image_features_fn(self, state, pixels_u8):
+        return nnx.merge(self._graphdef, state).get_image_features(normalize(pixels_u8, self.dtype)).astype(jnp.float32)
+
+    def _segment_fn(self, state, pixels_u8, cond, k):
+        """pixels (N, S, S, 3) uint8, cond (K, P): all N*K pairs -> probabilities (N, K, S, S)."""
+        model = nnx.merge(self._graphdef, state)
+        acts = model.encode_image(normalize(pixels_u8, self.dtype))
+        n = pixels_u8.shape[0]
+        cond_pairs = jnp.tile(cond, (n, 1))  # image-major, prompt-minor: pair i*K + j
+        logits = model.decode(acts, cond_pairs, prompts_per_image=k)
+        return jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(n, k, *logits.shape[1:])
+
+    def _segment_pairs_fn(self, state, pixels_u8, cond):
+        """One condition per image: pixels (N, S, S, 3), cond (N, P) -> (N, S, S)."""
+        model = nnx.merge(self._graphdef, state)
+        logits = model.decode(model.encode_image(normalize(pixels_u8, self.dtype)), cond)
+        return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+    def compile_count(self) -> int:
+        """How many distinct shapes have been compiled so far (for checking that buckets are reused)."""
+        fns = (self._jit_text, self._jit_image_features, self._jit_segment, self._jit_segment_pairs)
+        return sum(f._cache_size() for f in fns)
+
+    # -- conditions -----------------------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
+        """(K, projection_dim) text embeddings; cached per string, new ones encoded in bucketed batches."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: give at least one text (or visual) prompt")
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        for start in range(0, len(todo), PROMPT_BUCKETS[-1]):
+            chunk = todo[start:start + PROMPT_BUCKETS[-1]]
+            ids, mask = self.tokenizer(chunk)
+            kb = _bucket(len(chunk), PROMPT_BUCKETS)
+            pad = kb - len(chunk)
+            ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
+            mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
+            emb = np.asarray(self._jit_text(self._state, ids, mask))
+            for p, e in zip(chunk, emb):
+                self._text_cache[p] = e
+                if len(self._text_cache) > self._text_cache_size:
+                    self._text_cache.popitem(last=False)
+        return np.stack([self._text_cache[p] for p in prompts])
+
+    def encode_visual(self, visual_prompts: Sequence[tuple[ImageLike, ImageLike]], mode: str = "crop_blur_highlight352") -> np.ndarray:
+        """(K, projection_dim) embeddings of visual prompts given as (image, mask) pairs, rendered the paper's way."""
+        from clipseg_jax.prompts import render_visual_prompt
+
+        rendered = []
+        for i, (img, msk) in enumerate(visual_prompts):
+            img = load_image(img)
+            m = load_mask(msk, img.shape[:2], f"visual prompt {i} mask")
+            rendered.append(render_visual_prompt(img, m, mode=mode, size=self.image_size))
+        return self.encode_rendered(np.stack(rendered))
+
+    def encode_rendered(self, supports_u8: np.ndarray) -> np.ndarray:
+        """(K, S, S, 3) uint8 already-rendered prompt images -> (K, projection_dim)."""
+        out = []
+        for start in range(0, len(supports_u8), IMAGE_BUCKETS[-1]):
+            chunk = supports_u8[start:start + IMAGE_BUCKETS[-1]]
+            nb = _bucket(len(chunk), IMAGE_BUCKETS)
+            padded = np.concatenate([chunk, np.zeros((nb - len(chunk), *chunk.shape[1:]), np.uint8)])
+            out.append(np.asarray(self._jit_image_features(self._state, padded))[: len(chunk)])
+        return np.concatenate(out)
+
+    # -- segmentation ---------------------------------------------------------------------------------
+    def predict_batch(self, pixels_u8: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        """pixels (N, S, S, 3) uint8 at the model resolution, cond (K, P) -> probabilities (N, K, S, S)."""
+        pixels_u8 = np.asarray(pixels_u8, np.uint8)
+        n, k = len(pixels_u8), len(cond)
+        kb = _bucket(k, PROMPT_BUCKETS)
+        out = []
+        for start in range(0, n, IMAGE_BUCKETS[-1]):
+            chunk = pixels_u8[start:start + IMAGE_BUCKETS[-1]]
+            nb = _bucket(len(chunk), IMAGE_BUCKETS)
+            padded = np.concatenate([chunk, np.zeros((nb - len(chunk), *chunk.shape[1:]), np.uint8)])
+            per_prompt = []
+            for ks in range(0, k, kb):
+                c = cond[ks:ks + kb]
+                c = np.concatenate([c, np.repeat(c[-1:], kb - len(c), 0)]).astype(np.float32)
+                per_prompt.append(np.asarray(self._jit_segment(self._state, padded, c, k=kb))[: len(chunk), : min(kb, k - ks)])
+            out.append(np.concatenate(per_prompt, axis=1))
+        return np.concatenate(out)
+
+    def predict_texts(self, pixels_u8: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """pixels (N, S, S, 3) uint8, K text prompts -> (N, K, S, S) probabilities at the model resolution."""
+        return self.predict_batch(pixels_u8, self.encode_text(prompts))
+
+    def predict_visual(self, pixels_u8: np.ndarray, supports_u8: np.ndarray) -> np.ndarray:
+        """One rendered support per query: pixels (N, S, S, 3), supports (N, S, S, 3), both uint8 -> (N, S, S)."""
+        cond = self.encode_rendered(np.asarray(supports_u8, np.uint8))
+        return self.predict_pairs(pixels_u8, cond)
+
+    def predict_pairs(self, pixels_u8: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        """One condition per image: pixels (N, S, S, 3) uint8, cond (N, P) -> (N, S, S)."""
+        pixels_u8 = np.asarray(pixels_u8, np.uint8)
+        out = []
+        for start in range(0, len(pixels_u8), IMAGE_BUCKETS[-1]):
+            chunk, c = pixels_u8[start:start + IMAGE_BUCKETS[-1]], cond[start:start + IMAGE_BUCKETS[-1]]
+            nb = _bucket(len(chunk), IMAGE_BUCKETS)
+            pad = nb - len(chunk)
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
+            c = np.concatenate([c, np.zeros((pad, c.shape[1]), np.float32)]).astype(np.float32)
+            out.append(np.asarray(self._jit_segment_pairs(self._state, chunk, c))[: nb - pad])
+        return np.concatenate(out)
+
+    def preprocess(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """-> (N, S, S, 3) uint8 resized like the HF processor, and each image's original (H, W)."""
+        arrs = [load_image(im) for im in images]
+        return np.stack([resize_uint8(a, self.image_size) for a in arrs]), [a.shape[:2] for a in arrs]
+
+    def predict(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        prompts: Sequence[str] = (),
+        visual_prompts: Sequence[tuple[ImageLike, ImageLike]] = (),
+        visual_prompt_mode: str = "crop_blur_highlight352",
+    ) -> np.ndarray | list[np.ndarray]:
+        """Probabilities for every (image, prompt) pair, resized back to each image's size.
+
+        images: paths, PIL images or HxWx3 uint8 arrays; prompts: K texts; visual_prompts: (image, mask) pairs, which
+        come after the texts. Returns float32 (N, K, H, W) in [0, 1] when all images share a size, else a list of
+        (K, H_i, W_i) arrays.
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim <= 3):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("images is empty: give at least one image")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts and not visual_prompts:
+            raise ValueError("no prompts: give at least one text prompt or visual prompt")
+        conds = []
+        if prompts:
+            conds.append(self.encode_text(list(prompts)))
+        if visual_prompts:
+            conds.append(self.encode_visual(list(visual_prompts), visual_prompt_mode))
+        cond = np.concatenate(conds)
+        pixels, sizes = self.preprocess(images)
+        probs = self.predict_batch(pixels, cond)
+        out = [resize_probs(p, h, w) for p, (h, w) in zip(probs, sizes)]
+        if len(set(sizes)) == 1:
+            return np.stack(out).astype(np.float32)
+        return [o.astype(np.float32) for o in out]
+
+
+def load_mask(mask: ImageLike, shape: tuple[int, int], what: str = "mask") -> np.ndarray:
+    """A mask given as a path / PIL image / array -> {0,1} uint8 of `shape` (non-zero = object)."""
+    if isinstance(mask, (str, os.PathLike)):
+        what = str(mask)
+        try:
+            with Image.open(mask) as im:
+                arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "P", "I", "I;16") else im)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{mask}: no such mask file") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{mask}: not a readable mask image ({e})") from None
+    elif isinstance(mask, Image.Image):
+        arr = np.asarray(mask.convert("L"))
+    else:
+        arr = np.asarray(mask)
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(-1)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{what}: shape {arr.shape} does not match its image {tuple(shape)}")
+    m = (arr > 0).astype(np.uint8)
+    if not m.any():
+        raise ValueError(f"{what}: empty mask (no non-zero pixel)")
+    return m

@@ -1,0 +1,112 @@
+"""Our own checkpoint format for converted weights (orbax), so conversion from PyTorch runs once.
+
+Layout of a checkpoint directory:
+    clipseg_jax.json   {"format": "clipseg_jax", "version": 1, "config": <HF config dict>}
+    params/            orbax StandardCheckpointer tree: the parameter tree (our layout, str keys, float32)
+    tokenizer files    copied from the source checkpoint when it had them
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from clipseg_jax.config import CLIPSegConfig
+from clipseg_jax.model.clipseg import CLIPSeg
+from clipseg_jax.weights import hf
+
+MARKER = "clipseg_jax.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _nested(model: CLIPSeg) -> dict:
+    out: dict = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(str(p), {})
+        node[str(path[-1])] = np.asarray(var[...], np.float32)
+    return out
+
+
+def save(model: CLIPSeg, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write `model` as our checkpoint; atomic (temporary sibling directory, then rename)."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: exists and is not empty")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", _nested(model))
+            ckptr.wait_until_finished()
+        for name in _tokenizer_files(tokenizer_dir):
+            shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        meta = {"format": "clipseg_jax", "version": FORMAT_VERSION, "config": model.config.to_dict()}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _tokenizer_files(d: str | os.PathLike | None) -> Iterable[str]:
+    if d is None:
+        return ()
+    return [n for n in TOKENIZER_FILES if (Path(d) / n).is_file()]
+
+
+def read_config(path: str | os.PathLike) -> CLIPSegConfig:
+    marker = Path(path) / MARKER
+    try:
+        meta = json.loads(marker.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{marker}: not valid JSON ({e})") from None
+    if meta.get("format") != "clipseg_jax" or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{marker}: format {meta.get('format')!r} version {meta.get('version')!r}, expected 'clipseg_jax' "
+            f"version {FORMAT_VERSION}"
+        )
+    try:
+        return CLIPSegConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{marker}: bad 'config' ({e})") from None
+
+
+def load(path: str | os.PathLike, dtype=jnp.float32) -> CLIPSeg:
+    """Load our checkpoint; shape mismatches name the parameter and both shapes."""
+    path = Path(path).absolute()
+    config = read_config(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            tree = ckptr.restore(path / "params")
+        except Exception as e:  # orbax raises several types for a damaged directory
+            raise ValueError(f"{path / 'params'}: cannot restore parameters ({type(e).__name__}: {e})") from None
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, prefix + (k,))
+            else:
+                flat[hf.hf_key(prefix + (k,))] = hf.to_hf(k, np.asarray(v))
+
+    walk(tree, ())
+    return hf.model_from_state_dict(flat, config, dtype, source=str(path))
