@@ -1,0 +1,94 @@
+"""clipseg-jax command line: parse arguments and dispatch to the library.
+
+    python main.py predict --checkpoint CIDAS/clipseg-rd64-refined --image cats.jpg --prompt "a cat" --out out/
+    python main.py convert --checkpoint CIDAS/clipseg-rd64-refined --out ckpt/            (our orbax format)
+    python main.py convert --checkpoint ckpt/ --to-hf --out hf_dir/                        (back to transformers)
+    python main.py convert --original-decoder rd64-uni.pth --clip-weights ViT-B-16.pt --out ckpt/
+    python main.py compare --checkpoint hf_dir/                                            (ours vs PyTorch)
+    python main.py eval --checkpoint ckpt/ --dataset phrasecut --data-dir DIR --output metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main.py", description="CLIPSeg in JAX/Flax")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("predict", help="segment images with text and/or visual prompts; writes mask + overlay PNGs")
+    pr.add_argument("--checkpoint", required=True, help="HF dir, hub id, or our checkpoint dir")
+    pr.add_argument("--image", nargs="+", required=True, metavar="PATH")
+    pr.add_argument("--prompt", nargs="*", default=[], metavar="TEXT")
+    pr.add_argument("--visual-prompt", nargs="*", default=[], metavar="IMG:MASK",
+                    help="an example image and its object mask (non-zero = object)")
+    pr.add_argument("--visual-prompt-mode", default="crop_blur_highlight352")
+    pr.add_argument("--out", required=True, metavar="DIR")
+    pr.add_argument("--threshold", type=float, default=0.5)
+    pr.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+
+    cv = sub.add_parser("convert", help="convert weights to our format (orbax) or back to an HF directory")
+    cv.add_argument("--checkpoint", help="HF dir, hub id, or our checkpoint dir")
+    cv.add_argument("--original-decoder", metavar="PTH", help="timojl/clipseg decoder weights (rd64-uni.pth, ...)")
+    cv.add_argument("--clip-weights", metavar="PT", help="OpenAI CLIP ViT-B/16 state dict, with --original-decoder")
+    cv.add_argument("--extract-layers", type=int, nargs="+", help="override for original weights (default 3 6 9)")
+    cv.add_argument("--to-hf", action="store_true", help="write an HF directory (config.json + model.safetensors)")
+    cv.add_argument("--out", required=True, metavar="DIR")
+
+    cp = sub.add_parser("compare", help="run PyTorch (transformers) and JAX on the same inputs; print max |Δ|")
+    cp.add_argument("--checkpoint", required=True)
+    cp.add_argument("--image", nargs="*", default=[], metavar="PATH")
+    cp.add_argument("--prompt", nargs="*", default=[], metavar="TEXT")
+    cp.add_argument("--size", type=int, default=352)
+
+    ev = sub.add_parser("eval", help="PhraseCut / Pascal-5i one-shot / Pascal zero-shot evaluation")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--dataset", required=True, choices=("phrasecut", "pascal5i", "pascal_zs"))
+    ev.add_argument("--data-dir", required=True)
+    ev.add_argument("--fold", type=int, default=0)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--support", choices=("visual", "text"), default="visual")
+    ev.add_argument("--output", default=None, metavar="metrics.json")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        if args.command == "predict":
+            from clipseg_jax.commands import run_predict
+
+            written = run_predict(args.checkpoint, args.image, args.prompt, args.visual_prompt, args.out,
+                                  args.dtype, args.threshold, args.visual_prompt_mode)
+            print(f"wrote {len(written)} files to {args.out}")
+            return 0
+        if args.command == "convert":
+            from clipseg_jax.commands import run_convert
+
+            out = run_convert(args.checkpoint, args.out, args.to_hf, args.original_decoder, args.clip_weights,
+                              args.extract_layers)
+            print(f"wrote {out}")
+            return 0
+        if args.command == "compare":
+            from clipseg_jax.commands import run_compare
+
+            return 0 if run_compare(args.checkpoint, args.image, args.prompt, args.size) else 1
+        if args.command == "eval":
+            from clipseg_jax.evaluate import main_eval
+
+            return main_eval(args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
