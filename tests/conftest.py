@@ -9,3 +9,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A tiny random CLIPSeg checkpoint written by save_pretrained (safetensors + tokenizer.json)."""
+    from tiny_models import hf_config, make_model, save_checkpoint
+
+    return save_checkpoint(make_model(hf_config()), tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_refined_hf_dir(tmp_path_factory):
+    from tiny_models import hf_config, make_model, save_checkpoint
+
+    cfg = hf_config(use_complex_transposed_convolution=True, reduce_dim=8, extract_layers=[0, 2], conditional_layer=1)
+    return save_checkpoint(make_model(cfg, seed=1), tmp_path_factory.mktemp("tiny_refined_hf"))
