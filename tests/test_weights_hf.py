@@ -1,0 +1,163 @@
+"""Loading, conversion round trips and bad checkpoints."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clipseg_jax
+from clipseg_jax.weights import hf, store
+
+
+def _sd(model):
+    return hf.state_dict_from_model(model)
+
+
+def test_from_pretrained_safetensors_and_bin_agree(tiny_hf_dir, tmp_path):
+    import torch
+    from transformers import CLIPSegForImageSegmentation
+
+    a = clipseg_jax.from_pretrained(tiny_hf_dir)
+    tm = CLIPSegForImageSegmentation.from_pretrained(tiny_hf_dir)
+    # transformers 5 writes safetensors only; older uploads (CIDAS 2022) ship pytorch_model.bin like this.
+    (tmp_path / "bin").mkdir()
+    shutil.copyfile(tiny_hf_dir / "config.json", tmp_path / "bin" / "config.json")
+    torch.save(tm.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    b = clipseg_jax.from_pretrained(tmp_path / "bin")
+    ref = {k: v.numpy() for k, v in tm.state_dict().items()}
+    for k, v in _sd(a).items():
+        np.testing.assert_array_equal(v, ref[k])
+        np.testing.assert_array_equal(v, _sd(b)[k])
+    del torch
+
+
+def test_round_trip_ours_hf_ours_is_exact(tiny_refined_hf_dir, tmp_path):
+    m = clipseg_jax.from_pretrained(tiny_refined_hf_dir)
+    ours = store.save(m, tmp_path / "ours")
+    m2 = clipseg_jax.from_pretrained(ours)
+    hf_dir = hf.write_hf_directory(m2, tmp_path / "hf")
+    m3 = clipseg_jax.from_pretrained(hf_dir)
+    a, c = _sd(m), _sd(m3)
+    assert a.keys() == c.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k])
+    assert m3.config == m.config
+
+
+def test_exported_hf_directory_loads_in_transformers(tiny_refined_hf_dir, tmp_path):
+    import torch
+    from transformers import CLIPSegForImageSegmentation
+
+    m = clipseg_jax.from_pretrained(tiny_refined_hf_dir)
+    out = hf.write_hf_directory(m, tmp_path / "hf")
+    tm = CLIPSegForImageSegmentation.from_pretrained(out).eval()
+    x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    c = np.random.default_rng(1).normal(size=(1, 24)).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                 conditional_embeddings=torch.from_numpy(c)).logits.numpy()
+    ours = np.asarray(m(jnp.asarray(x), conditional_embeddings=jnp.asarray(c)).logits)
+    np.testing.assert_allclose(ours, ref.reshape(ours.shape), atol=1e-4 * max(1, np.abs(ref).max()))
+
+
+def test_original_pth_layout_converts_to_the_same_params(tmp_path):
+    """The original repo's decoder .pth + OpenAI CLIP state dict give the same params as the HF layout."""
+    import torch
+
+    from clipseg_jax.commands import run_convert
+    from clipseg_jax.weights.original import hf_to_original
+    from tiny_models import hf_config, make_model, save_checkpoint
+
+    # OpenAI's CLIP derives heads = width // 64, so widths must be multiples of 64 here.
+    cfg = hf_config(text=dict(hidden_size=64, num_attention_heads=1), vision=dict(hidden_size=128, num_attention_heads=2),
+                    use_complex_transposed_convolution=True)
+    m = clipseg_jax.from_pretrained(save_checkpoint(make_model(cfg), tmp_path / "hf", processor=False))
+    sd = _sd(m)
+    dec, clip = hf_to_original(sd, m.config.to_dict())
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in dec.items()}, tmp_path / "rd-uni.pth")
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in clip.items()}, tmp_path / "clip.pt")
+    out = run_convert(None, str(tmp_path / "ours"), original_decoder=str(tmp_path / "rd-uni.pth"),
+                      clip_weights=str(tmp_path / "clip.pt"), extract_layers=list(m.config.extract_layers))
+    m2 = clipseg_jax.from_pretrained(out)
+    sd2 = _sd(m2)
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        np.testing.assert_array_equal(sd[k], sd2[k])
+
+
+def _copy_with(tiny_hf_dir, tmp_path, edit):
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_hf_dir, d)
+    sd = load_file(d / "model.safetensors")
+    edit(sd)
+    save_file(sd, d / "model.safetensors")
+    return d
+
+
+def test_missing_key_is_named(tiny_hf_dir, tmp_path):
+    key = "decoder.layers.1.mlp.fc1.weight"
+    d = _copy_with(tiny_hf_dir, tmp_path, lambda sd: sd.pop(key))
+    with pytest.raises(ValueError, match=r"missing key 'decoder\.layers\.1\.mlp\.fc1\.weight' \(expected shape \(40, 16\)\)"):
+        clipseg_jax.from_pretrained(d)
+
+
+def test_mis_shaped_key_names_both_shapes(tiny_hf_dir, tmp_path):
+    key = "clip.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    d = _copy_with(tiny_hf_dir, tmp_path, lambda sd: sd.__setitem__(key, np.zeros((48, 40), np.float32)))
+    with pytest.raises(ValueError, match=r"q_proj\.weight' has shape \(48, 40\), the config expects \(48, 48\)"):
+        clipseg_jax.from_pretrained(d)
+
+
+def test_unexpected_key_is_an_error(tiny_hf_dir, tmp_path):
+    d = _copy_with(tiny_hf_dir, tmp_path, lambda sd: sd.__setitem__("decoder.reduces.3.weight", np.zeros((16, 48), np.float32)))
+    with pytest.raises(ValueError, match=r"unexpected keys \['decoder\.reduces\.3\.weight'\]"):
+        clipseg_jax.from_pretrained(d)
+
+
+def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="CIDAS/clipseg-does-not-exist: not in the local Hugging Face cache"):
+        clipseg_jax.from_pretrained("CIDAS/clipseg-does-not-exist")
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        clipseg_jax.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a hub id"):
+        clipseg_jax.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_corrupt_weights_and_config(tiny_hf_dir, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_hf_dir, d)
+    (d / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        clipseg_jax.from_pretrained(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        clipseg_jax.from_pretrained(d)
+
+
+def test_patch_size_default_trap_is_visible(tiny_hf_dir, tmp_path):
+    """A config without patch_size takes transformers' default 32: the weights then do not fit, loudly."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vision_config"].pop("patch_size")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="patch_embedding.weight' has shape"):
+        clipseg_jax.from_pretrained(d)
+
+
+def test_store_refuses_to_overwrite(tiny_hf_dir, tmp_path):
+    m = clipseg_jax.from_pretrained(tiny_hf_dir)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("keep")
+    with pytest.raises(FileExistsError):
+        store.save(m, tmp_path / "x")
+    assert (tmp_path / "x" / "f").read_text() == "keep"
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
