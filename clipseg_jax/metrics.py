@@ -115,6 +115,25 @@ def _align_corners_taps(n_in: int, n_out: int):
     return i0, i1, lam0, lam1
 
 
+_BUCKET = 64
+
+
+def _bucket(n: int) -> int:
+    return -(-n // _BUCKET) * _BUCKET
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_taps(n_in: int, n_out: int, n_pad: int):
+    """``_align_corners_taps`` extended to ``n_pad`` outputs (extra outputs: index 0, weight 0)."""
+    i0, i1, l0, l1 = _align_corners_taps(n_in, n_out)
+    extra = n_pad - n_out
+    if extra == 0:
+        return i0, i1, l0, l1
+    zi = np.zeros(extra, np.int32)
+    zf = np.zeros(extra, np.float32)
+    return (np.concatenate([i0, zi]), np.concatenate([i1, zi]), np.concatenate([l0, zf]), np.concatenate([l1, zf]))
+
+
 def _resize_with_taps(x, ty, tx):
     """x: (B, h, w) float32 -> (B, H, W) using precomputed taps."""
     y0, y1, ly0, ly1 = ty
@@ -311,8 +330,15 @@ class FixedThresholdMetrics:
         H, W = t_shape[1], t_shape[2]
         resize = (p_shape[1], p_shape[2]) != (H, W)
         if resize:
-            ty = tuple(jnp.asarray(a) for a in _align_corners_taps(p_shape[1], H))
-            tx = tuple(jnp.asarray(a) for a in _align_corners_taps(p_shape[2], W))
+            # Targets are padded (as ignored pixels) to multiples of _BUCKET so that
+            # ground truths of many sizes (Pascal: original resolution) share a few compilations.
+            Hb, Wb = _bucket(H), _bucket(W)
+            if (Hb, Wb) != (H, W):
+                pad = ((0, 0), (0, Hb - H), (0, Wb - W))
+                tgt_b = np.pad(tgt_b, pad)
+                valid = np.pad(valid, pad)
+            ty = tuple(jnp.asarray(a) for a in _padded_taps(p_shape[1], H, Hb))
+            tx = tuple(jnp.asarray(a) for a in _padded_taps(p_shape[2], W, Wb))
         else:
             ty = tx = None
         counts, bad = _count_kernel(

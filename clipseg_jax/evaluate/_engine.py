@@ -86,7 +86,8 @@ class Engine:
         if len(prompts) != n:
             raise ValueError(f"text_probs: {n} images but {len(prompts)} prompts")
         b = max(n, self.batch_size)
-        ids, mask = self.tokenizer(list(prompts) + [prompts[-1]] * (b - n))
+        # Fixed length (CLIP's 77): one compilation per batch shape whatever the phrases.
+        ids, mask = self.tokenizer(list(prompts) + [prompts[-1]] * (b - n), length=self.tokenizer.max_length)
         out = self._text(self._state, jnp.asarray(_pad_batch(pixel_values, b)), jnp.asarray(ids), jnp.asarray(mask))
         return out[:n]
 
