@@ -112,6 +112,42 @@ def test_polygon_mask_convex_vs_half_planes():
         np.testing.assert_array_equal(phrasecut.polygon_mask((32, 32), poly), _closed_convex(poly, (32, 32)))
 
 
+def _point_in_polygon(xp, yp, x, y):
+    """Point-by-point transcription of the crossing test of skimage's point_in_polygon
+    (O'Rourke): 0 outside, 1 inside, 2 vertex, 3 edge."""
+    n = len(xp)
+    x1, y1 = xp[-1] - x, yp[-1] - y
+    r_cross = l_cross = 0
+    for i in range(n):
+        x0, y0 = xp[i] - x, yp[i] - y
+        if -1e-12 < x0 < 1e-12 and -1e-12 < y0 < 1e-12:
+            return 2
+        if (y0 > 0) != (y1 > 0) and (x0 * y1 - x1 * y0) / (y1 - y0) > 0:
+            r_cross += 1
+        if (y0 < 0) != (y1 < 0) and (x0 * y1 - x1 * y0) / (y1 - y0) < 0:
+            l_cross += 1
+        x1, y1 = x0, y0
+    if (r_cross & 1) != (l_cross & 1):
+        return 3
+    return 1 if r_cross & 1 else 0
+
+
+def test_polygon_mask_random_nonconvex_vs_pointwise():
+    rng = np.random.default_rng(7)
+    H, W = 24, 28
+    for k in range(12):
+        n = int(rng.integers(3, 12))
+        pts = rng.integers(-3, 30, (n, 2)).astype(float) if k % 3 == 0 else rng.random((n, 2)) * 32 - 3
+        m = phrasecut.polygon_mask((H, W), pts.tolist())
+        minr, maxr = int(max(0, pts[:, 1].min())), min(H - 1, int(np.ceil(pts[:, 1].max())))
+        minc, maxc = int(max(0, pts[:, 0].min())), min(W - 1, int(np.ceil(pts[:, 0].max())))
+        ref = np.zeros((H, W), bool)
+        for r in range(minr, maxr + 1):
+            for c in range(minc, maxc + 1):
+                ref[r, c] = _point_in_polygon(pts[:, 0], pts[:, 1], float(c), float(r)) != 0
+        np.testing.assert_array_equal(m, ref)
+
+
 def test_read_tasks_and_samples(pc_root):
     root, tasks, skipped = phrasecut.read_tasks(pc_root.parent, "test")  # parent dir also accepted
     assert root == pc_root and skipped == 1

@@ -44,8 +44,11 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def run_eval(engine, dataset: str, data_dir, *, split: str = "test", fold: int = 0, support: str = "visual",
-             limit: int | None = None, show_progress: bool = True, workers: int = 4) -> dict:
-    """Run one protocol with an ``Engine`` (or anything with its methods); returns the result dict."""
+             limit: int | None = None, show_progress: bool = True, workers: int | None = None) -> dict:
+    """Run one protocol with an ``Engine`` (or anything with its methods); returns the result dict.
+    ``workers``: threads decoding and resizing images ahead of the model (default min(8, CPUs))."""
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
     if dataset == "phrasecut":
         from clipseg_jax.evaluate import phrasecut
 

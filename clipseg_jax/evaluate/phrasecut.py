@@ -189,27 +189,35 @@ def polygon_mask(shape: tuple[int, int], points) -> np.ndarray:
     maxc = min(W - 1, int(math.ceil(xp.max())))
     if maxr < minr or maxc < minc:
         return mask
-    ys = np.arange(minr, maxr + 1, dtype=np.float64)[:, None]
+    ys = np.arange(minr, maxr + 1, dtype=np.float64)
     xs = np.arange(minc, maxc + 1, dtype=np.float64)[None, :]
-    R, C = maxr - minr + 1, maxc - minc + 1
+    R, C = len(ys), xs.shape[1]
     vertex = np.zeros((R, C), bool)
     r_cross = np.zeros((R, C), np.int32)
     l_cross = np.zeros((R, C), np.int32)
     eps = 1e-12
-    x1 = xp[-1] - xs
-    y1 = yp[-1] - ys
+    n = len(pts)
     with np.errstate(divide="ignore", invalid="ignore"):
-        for i in range(len(pts)):
-            x0 = xp[i] - xs
+        for i in range(n):
+            # vertex i within eps of a grid point -> that pixel is on the polygon
+            c, r = round(xp[i]), round(yp[i])
+            if minr <= r <= maxr and minc <= c <= maxc and abs(xp[i] - c) < eps and abs(yp[i] - r) < eps:
+                vertex[r - minr, c - minc] = True
+            # edge (i-1, i): only the rows it straddles can count a crossing
             y0 = yp[i] - ys
-            vertex |= (np.abs(x0) < eps) & (np.abs(y0) < eps)
-            up = (y0 > 0) != (y1 > 0)  # (R, 1)
+            y1 = yp[i - 1] - ys
+            up = (y0 > 0) != (y1 > 0)
             down = (y0 < 0) != (y1 < 0)
-            if up.any() or down.any():
-                cross = (x0 * y1 - x1 * y0) / (y1 - y0)
-                r_cross += up & (cross > 0)
-                l_cross += down & (cross < 0)
-            x1, y1 = x0, y0
+            rows = np.nonzero(up | down)[0]
+            if rows.size == 0:
+                continue
+            a = y0[rows][:, None]
+            b = y1[rows][:, None]
+            x0 = xp[i] - xs
+            x1 = xp[i - 1] - xs
+            cross = (x0 * b - x1 * a) / (b - a)
+            r_cross[rows] += up[rows][:, None] & (cross > 0)
+            l_cross[rows] += down[rows][:, None] & (cross < 0)
     inside = vertex | ((r_cross & 1) != (l_cross & 1)) | ((r_cross & 1) == 1)
     mask[minr : maxr + 1, minc : maxc + 1] = inside
     return mask
