@@ -167,6 +167,13 @@ def test_read_tasks_and_samples(pc_root):
     assert tgt_all.all()
 
 
+def test_joined_splits(tmp_path):
+    d = write_phrasecut(tmp_path)
+    (d / "refer_val.json").write_text((d / "refer_test.json").read_text())
+    _, tasks, skipped = phrasecut.read_tasks(d, "test_val")
+    assert len(tasks) == 8 and skipped == 2 and [t.index for t in tasks] == list(range(8))
+
+
 def test_phrasecut_bad_input(tmp_path, pc_root):
     with pytest.raises(DatasetError, match="no such directory") as e:
         phrasecut.read_tasks(tmp_path / "nope")

@@ -112,9 +112,12 @@ def _check_polygons(polys: Any, where: str) -> tuple:
 
 
 def read_tasks(data_dir, split: str = "test") -> tuple[Path, list[PhraseCutTask], int]:
-    """Read and validate ``refer_<split>.json``.  Returns (root, tasks, n_skipped_invalid)."""
-    if split not in SPLITS:
-        raise DatasetError(f"--split {split!r}: PhraseCut splits are {', '.join(SPLITS)}")
+    """Read and validate ``refer_<split>.json``.  Returns (root, tasks, n_skipped_invalid).
+    Like PhraseCut's RefVGLoader, ``split`` may join splits with '_' (``val_miniv``)."""
+    parts = split.split("_") if isinstance(split, str) else [split]
+    bad = [p for p in parts if p not in SPLITS]
+    if bad or not parts:
+        raise DatasetError(f"--split {split!r}: PhraseCut splits are {', '.join(SPLITS)} (joined with '_')")
     root = find_root(data_dir)
     info_path = root / "image_data_split.json"
     infos = read_json(info_path, "image info")
@@ -126,11 +129,27 @@ def read_tasks(data_dir, split: str = "test") -> tuple[Path, list[PhraseCutTask]
             size[int(im["image_id"])] = (int(im["width"]), int(im["height"]))
         except (KeyError, TypeError, ValueError):
             raise DatasetError(f"{info_path}: entry {k} lacks an integer image_id/width/height") from None
-    refer_path = root / f"refer_{split}.json"
+    tasks: list[PhraseCutTask] = []
+    skipped = 0
+    for part in parts:
+        skipped += _read_refer(root / f"refer_{part}.json", part, size, info_path, tasks)
+    if not tasks:
+        files = ", ".join(f"refer_{p}.json" for p in parts)
+        raise DatasetError(f"{root}: no tasks to evaluate in {files} (empty, or only invalid images)")
+    img_dir = root / "images"
+    if not img_dir.is_dir():
+        raise DatasetError(f"{img_dir}: images directory not found. {INSTRUCTIONS}")
+    for image_id in sorted({t.image_id for t in tasks}):
+        if not (img_dir / f"{image_id}.jpg").is_file():
+            raise DatasetError(f"{img_dir / f'{image_id}.jpg'}: image of refer_{split}.json not found. {INSTRUCTIONS}")
+    return root, tasks, skipped
+
+
+def _read_refer(refer_path: Path, split: str, size: dict, info_path: Path, tasks: list) -> int:
+    """Append the validated tasks of one refer file; returns the number skipped (invalid images)."""
     raw = read_json(refer_path, f"the {split} annotations (refer_{split}.json)")
     if not isinstance(raw, list):
         raise DatasetError(f"{refer_path}: expected a list of tasks, got {type(raw).__name__}")
-    tasks: list[PhraseCutTask] = []
     skipped = 0
     for k, t in enumerate(raw):
         if not isinstance(t, dict):
@@ -157,15 +176,7 @@ def read_tasks(data_dir, split: str = "test") -> tuple[Path, list[PhraseCutTask]
                 polygons=_check_polygons(t["Polygons"], where), width=w, height=h,
             )
         )
-    if not tasks:
-        raise DatasetError(f"{refer_path}: no tasks to evaluate (empty file, or only invalid images)")
-    img_dir = root / "images"
-    if not img_dir.is_dir():
-        raise DatasetError(f"{img_dir}: images directory not found. {INSTRUCTIONS}")
-    for image_id in sorted({t.image_id for t in tasks}):
-        if not (img_dir / f"{image_id}.jpg").is_file():
-            raise DatasetError(f"{img_dir / f'{image_id}.jpg'}: image of refer_{split}.json not found. {INSTRUCTIONS}")
-    return root, tasks, skipped
+    return skipped
 
 
 # ----------------------------------------------------------------------------------------
