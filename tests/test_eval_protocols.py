@@ -76,6 +76,7 @@ def test_phrasecut_end_to_end(model_dir, hf_model, pc_root, tmp_path, capsys):
     assert "PhraseCut test (Table 3)" in printed and "paper CLIPSeg (PC+)" in printed and "43.4" in printed
     res = json.loads(out.read_text())
     assert res["n_samples"] == 4 and res["n_skipped_invalid_images"] == 1
+    assert res["paper"]["rows"][0] == {"model": "CLIPSeg (PC+)", "t": 0.3, "miou": 43.4, "fgiou": 54.7, "ap": 76.7}
     m = res["metrics"]
     for k in ("fgiou_0.3", "miou_0.3", "biniou_0.3", "ap", "fgiou_best", "miou_best", "fgiou_best_t", "miou_best_t"):
         assert k in m

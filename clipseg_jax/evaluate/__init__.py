@@ -118,6 +118,7 @@ def main_eval(args) -> int:
             "limit": args.limit,
             "seconds": round(time.time() - t0, 1),
             **result,
+            "paper": paper.reference(args.dataset, support),
         }
         print(paper.format_table(args.dataset, result, support=support))
         if args.output is not None:

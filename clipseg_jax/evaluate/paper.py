@@ -38,6 +38,21 @@ TABLE4_PASCAL_ZS = (
 )
 
 
+def reference(dataset: str, support: str = "visual") -> dict:
+    """The paper's numbers for a protocol (percent), for the JSON output."""
+    if dataset == "phrasecut":
+        cols, rows, table = ("t", "miou", "fgiou", "ap"), TABLE3_PHRASECUT, "Table 3"
+    elif dataset == "pascal5i":
+        cols = ("t", "miou", "biniou", "ap")
+        rows, table = (TABLE5_PASCAL5I_ONESHOT, "Table 5") if support == "visual" else (TABLE7_PASCAL5I_TEXT, "Table 7")
+    elif dataset == "pascal_zs":
+        cols = ("unseen10_seen", "unseen10_unseen", "unseen4_seen", "unseen4_unseen")
+        rows, table = TABLE4_PASCAL_ZS, "Table 4"
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}")
+    return {"table": table, "rows": [{"model": r[0], **dict(zip(cols, r[1:]))} for r in rows]}
+
+
 def _row(cells, widths) -> str:
     return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
