@@ -44,6 +44,8 @@ def test_resizes_match_torch(src, dst):
     np.testing.assert_allclose(im.resize_bilinear_align_corners(x, dst), ac, rtol=0, atol=2e-4)
     hp = F.interpolate(t, size=dst, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(im.resize_bilinear_half_pixel(x, dst), hp, rtol=0, atol=1e-4)
+    # cv2's INTER_LINEAR is the same rule with double-precision coordinates (PFENet)
+    np.testing.assert_allclose(im.resize_bilinear_cv2(x, dst), hp, rtol=0, atol=2e-2)
     lab = rng.integers(0, 21, src).astype(np.uint8)
     nn = F.interpolate(torch.from_numpy(lab)[None, None], size=dst, mode="nearest")[0, 0].numpy()
     np.testing.assert_array_equal(im.resize_nearest(lab, dst), nn)

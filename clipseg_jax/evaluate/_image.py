@@ -3,10 +3,12 @@ library call the original pipeline used:
 
 * ``resize_bilinear_align_corners``: ``F.interpolate(mode='bilinear', align_corners=True)``
   (CLIPSeg's PhraseCut loader), float32 index/weight arithmetic as PyTorch's CPU kernel.
-* ``resize_bilinear_half_pixel``: ``cv2.resize(INTER_LINEAR)`` on float images (PFENet's
-  ``test_Resize``) and ``torchvision.transforms.Resize`` on tensors without antialiasing
-  (torchvision 0.13, JoEm/CLIPSeg zero-shot): half-pixel centres, source clamped at 0,
-  no antialiasing when downscaling.
+* ``resize_bilinear_half_pixel``: ``F.interpolate(mode='bilinear', align_corners=False)``,
+  which ``torchvision.transforms.Resize`` runs on tensors without antialiasing (torchvision
+  0.13, JoEm/CLIPSeg zero-shot): half-pixel centres, source clamped at 0, no antialiasing
+  when downscaling; float32 coordinates like PyTorch.
+* ``resize_bilinear_cv2``: the same rule with ``cv2.resize(INTER_LINEAR)``'s arithmetic
+  (double scale, horizontal pass first), for PFENet's ``test_Resize`` on float images.
 * ``resize_nearest``: ``F.interpolate(mode='nearest')`` / torchvision NEAREST / cv2
   INTER_NEAREST: ``src = min(floor(dst * (in / out)), in - 1)``, scale in float32.
 """
@@ -80,6 +82,22 @@ def _taps_half_pixel(n_in: int, n_out: int):
     return i0, i1, lam
 
 
+def _taps_cv2_linear(n_in: int, n_out: int):
+    """cv2.resize INTER_LINEAR (float images): source coordinate (dx + 0.5) * in / out - 0.5
+    and its fraction in double precision (weights then float32), clamped to the border."""
+    scale = 1.0 / (n_out / n_in)
+    fx = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    sx = np.floor(fx).astype(np.int64)
+    lam = (fx - sx).astype(np.float32)
+    low = sx < 0
+    lam[low] = 0
+    sx[low] = 0
+    high = sx >= n_in - 1
+    lam[high] = 0
+    sx[high] = n_in - 1
+    return sx, np.minimum(sx + 1, n_in - 1), lam
+
+
 def _separable(img: np.ndarray, ty, tx) -> np.ndarray:
     y0, y1, ly = ty
     x0, x1, lx = tx
@@ -96,6 +114,21 @@ def resize_bilinear_align_corners(img: np.ndarray, size: tuple[int, int]) -> np.
     if (H, W) == tuple(size):
         return np.asarray(img, np.float32)
     return _separable(img, _taps_align_corners(H, size[0]), _taps_align_corners(W, size[1]))
+
+
+def resize_bilinear_cv2(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W[, C]) -> float32 (h, w[, C]) like ``cv2.resize(img_float32, (w, h), INTER_LINEAR)``:
+    horizontal pass first, then vertical, with cv2's coordinate arithmetic."""
+    H, W = img.shape[:2]
+    if (H, W) == tuple(size):
+        return np.asarray(img, np.float32)
+    x0, x1, lx = _taps_cv2_linear(W, size[1])
+    y0, y1, ly = _taps_cv2_linear(H, size[0])
+    img = np.asarray(img, np.float32)
+    ext_x = (None, slice(None)) + (None,) * (img.ndim - 2)
+    cols = img[:, x0] * (1 - lx)[ext_x] + img[:, x1] * lx[ext_x]
+    ext = (slice(None),) + (None,) * (img.ndim - 1)
+    return (cols[y0] * (1 - ly)[ext] + cols[y1] * ly[ext]).astype(np.float32)
 
 
 def resize_bilinear_half_pixel(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -142,7 +175,7 @@ def pfenet_test_resize(image: np.ndarray, label: np.ndarray, test_size: int = 35
     label float32 (S,S) nearest-resized with 255 padding), both pasted top-left."""
     h, w = image.shape[:2]
     nh, nw = pfenet_new_hw(h, w, test_size)
-    img = resize_bilinear_half_pixel(image.astype(np.float32), (nh, nw))
+    img = resize_bilinear_cv2(image.astype(np.float32), (nh, nw))
     canvas = np.zeros((test_size, test_size, 3), np.float32)
     canvas[:nh, :nw] = img
     lh, lw = pfenet_new_hw(label.shape[0], label.shape[1], test_size)
