@@ -93,7 +93,8 @@ def main_eval(args) -> int:
     """``python main.py eval``: evaluate a checkpoint, print a paper-style table, write JSON.
 
     args: checkpoint, dataset, data_dir, fold, output, batch_size, dtype, limit, support,
-    split (see main.py).  Returns the exit code: 0 ok, 2 bad input / missing data.
+    split (see main.py).  Returns the exit code: 0 ok, 2 bad input / missing data (one line
+    ``error: ...`` on stderr; set CLIPSEG_JAX_DEBUG=1 for the traceback).
     """
     from clipseg_jax.evaluate import paper
 
@@ -126,6 +127,8 @@ def main_eval(args) -> int:
             print(f"metrics written to {path}")
         return 0
     except (DatasetError, FileNotFoundError, OSError, ValueError) as e:
+        if os.environ.get("CLIPSEG_JAX_DEBUG"):
+            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -224,7 +224,8 @@ def evaluate_fold(engine, data_dir, fold: int, support: str = "visual", limit: i
     metric = FixedThresholdMetrics()
     bar = progress(len(episodes), f"Pascal-5i fold {fold} ({support})", show_progress)
     try:
-        loaded = prefetch_map(lambda e: (e, *load_episode(e, support)), episodes, workers=workers)
+        loaded = prefetch_map(lambda e: (e, *load_episode(e, support)), episodes, workers=workers,
+                              ahead=max(32, 3 * engine.batch_size))
         for batch in batched(loaded, engine.batch_size):
             eps = [b[0] for b in batch]
             px = np.stack([b[1] for b in batch])

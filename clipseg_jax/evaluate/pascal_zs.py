@@ -178,7 +178,8 @@ def evaluate(engine, data_dir, split: str = "val", limit: int | None = None, sho
     cm = jnp.zeros((21, 21), jnp.int32)
     bar = progress(len(items), "Pascal zero-shot", show_progress)
     try:
-        for batch in batched(prefetch_map(load_sample, items, workers=workers), engine.batch_size):
+        loaded = prefetch_map(load_sample, items, workers=workers, ahead=max(32, 3 * engine.batch_size))
+        for batch in batched(loaded, engine.batch_size):
             px = np.stack([b[0] for b in batch])
             labels = np.stack([b[1] for b in batch])
             probs = engine.multi_prompt_probs(px, cond)

@@ -276,7 +276,8 @@ def evaluate(engine, data_dir, split: str = "test", limit: int | None = None, sh
     metric = FixedThresholdMetrics()
     bar = progress(len(tasks), f"PhraseCut {split}", show_progress)
     try:
-        loaded = prefetch_map(lambda t: (t, *load_sample(root, t)), tasks, workers=workers)
+        loaded = prefetch_map(lambda t: (t, *load_sample(root, t)), tasks, workers=workers,
+                              ahead=max(32, 3 * engine.batch_size))
         for batch in batched(loaded, engine.batch_size):
             ts = [b[0] for b in batch]
             px = np.stack([b[1] for b in batch])
