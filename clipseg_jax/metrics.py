@@ -11,7 +11,11 @@ This reproduces ``metrics.FixedIntervalMetrics`` of the released CLIPSeg code
 * **Input.** Probabilities, not logits (the original applies the sigmoid inside
   the metric; here the caller does).  Predictions are resized to the ground-truth
   size with bilinear interpolation, ``align_corners=True`` (PyTorch's index and
-  weight formulas), when ``resize_pred`` is set.
+  weight formulas), when ``resize_pred`` is set.  The resized values agree with PyTorch's CPU result
+  to about one float32 ulp (summation order / fused multiply-adds), so a pixel lying within
+  that rounding of a threshold may fall on the other side (effect on the metrics < 1e-5).
+  Ground truths are padded internally to multiples of 64 (as ignored pixels) so that many
+  ground-truth sizes share a few compilations.
 * **Ignore mask.** Pixels with ``ignore=True`` are removed before counting (the
   original keeps the pixels where its ``gt[1]`` mask is 1; Pascal uses it for 255).
 * **Per-sample counts.** tp, fp, fn, tn for each of the 49 thresholds, per sample,
