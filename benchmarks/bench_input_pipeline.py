@@ -1,0 +1,96 @@
+"""PC+ input pipeline throughput (samples/s, per core) from JPEG and from the pre-resized cache.
+
+    python benchmarks/bench_input_pipeline.py --work /tmp/bench_pc --threads 1 --batches 20
+
+Builds (once, in --work) a synthetic PhraseCut in the official layout with Visual-Genome-like
+image sizes (500-800 px per side by default), prepares the `phrasecut` TFDS dataset
+(array_record) and the pre-resized cache, then times full PC+ batches (query + support decode,
+crop search, resize, negatives, crop_blur_highlight352 support, templates). `--threads N` pins
+tf.data to a private pool of N threads with intra-op parallelism 1, so samples/s / N is the
+per-core figure. Timing starts after `--warmup` batches (tracing, autotune) and is taken with
+`tfds.benchmark`-style wall time over `--batches` batches. Also reported: samples per CPU-second
+of the process (time.process_time over all threads), which is the per-core throughput even when
+other jobs share the cores (wall-time figures then understate it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/bench_pc", help="folder for the generated data (reused)")
+    p.add_argument("--images", type=int, default=120, help="train images to generate")
+    p.add_argument("--min-size", type=int, default=500)
+    p.add_argument("--max-size", type=int, default=800)
+    p.add_argument("--threads", type=int, nargs="+", default=[1])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--modes", nargs="+", default=["jpeg", "cached"], choices=["jpeg", "cached"])
+    p.add_argument("--out", help="write the results as JSON here")
+    a = p.parse_args(argv)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    from data_pipelines import phrasecut, synthetic
+    from data_pipelines.pcplus import PCPlus
+    from data_pipelines.sources import CachedSource, TfdsSource, build_cache
+
+    work = Path(a.work)
+    manual = work / "VGPhraseCut_v0"
+    if not manual.exists():
+        synthetic.generate(manual, {"train": a.images, "val": 1, "test": 1, "miniv": 1}, a.min_size, a.max_size, seed=0)
+    data_dir = work / "tfds"
+    if not (data_dir / "phrasecut").exists():
+        phrasecut.build(manual, data_dir)
+    src = TfdsSource("train", data_dir)
+    sources = {"jpeg": src}
+    if "cached" in a.modes:
+        cache = work / "cache352"
+        if not cache.exists():
+            build_cache(src, cache)
+        sources["cached"] = CachedSource(cache)
+
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
+               "tensorflow": tf.__version__, "tasks": len(src), "image_sizes": [a.min_size, a.max_size],
+               "batch_size": a.batch_size, "runs": []}
+    for mode in a.modes:
+        for threads in a.threads:
+            pipe = PCPlus(sources[mode], batch_size=a.batch_size, seed=0, process_index=0, process_count=1,
+                          threads=threads, num_parallel_calls=threads, prefetch=2)
+            it = iter(pipe.dataset())
+            for _ in range(a.warmup):
+                next(it)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(a.batches):
+                next(it)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            n = a.batches * a.batch_size
+            sps = n / dt
+            # samples per CPU-second of this process (all threads): the per-core figure that the
+            # other users of a shared machine do not distort as much as wall time.
+            run = {"mode": mode, "threads": threads, "samples_per_s": round(sps, 1),
+                   "samples_per_s_per_core_wall": round(sps / threads, 1),
+                   "samples_per_cpu_s": round(n / dc, 1), "cpu_utilisation": round(dc / dt / threads, 2),
+                   "seconds": round(dt, 2)}
+            results["runs"].append(run)
+            print(json.dumps(run), flush=True)
+            del it
+    try:
+        results["loadavg_after"] = os.getloadavg()
+    except OSError:
+        pass
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
