@@ -235,3 +235,22 @@ def test_eval_dataset(source):
     idx = np.concatenate([b["task_index"] for b in batches])
     assert list(idx) == list(range(len(source)))
     assert batches[0]["image"].shape[1:] == (352, 352, 3)
+
+
+def test_make_pcplus_from_config(data_dir, tmp_path):
+    from configs.data_phrasecut import get_config
+    from data_pipelines import make_pcplus
+    from data_pipelines.own_data import main as own_main
+
+    cfg = get_config()
+    cfg.data_dir = str(data_dir)
+    pipe = make_pcplus(cfg, batch_size=2, process_index=0, process_count=1, image_size=SMALL)
+    b = next(pipe.iterator(0, 1))
+    assert b["image"].shape == (2, SMALL, SMALL, 3) and pipe.negative_prob == 0.2
+    cfg.source = "nope"
+    with pytest.raises(ValueError, match="config.source"):
+        make_pcplus(cfg)
+    root = tmp_path / "own"
+    lines = _write_own_data(root, 3)
+    (root / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    own_main([str(root)])
