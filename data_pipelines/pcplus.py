@@ -360,14 +360,16 @@ class PCPlus:
             has_support = count > 1
         support_task = tf.gather(self._members, start + tf.minimum(r, tf.maximum(count - 1, 0)))
 
-        # Always load a support (the query itself when there is none) and select afterwards:
-        # tf.cond branches around the loaders cost several ms per sample in tf.data on CPU.
-        support_task = tf.where(has_support, support_task, task)
-        s_img, s_mask = self._load_square(support_task, seeds[4])
-        nonempty = tf.reduce_any(s_mask > 0)
-        rendered = render_visual_prompt_tf(s_img, tf.where(nonempty, s_mask, tf.ones_like(s_mask)), self.mode)
-        support_valid = tf.logical_and(has_support, nonempty)
-        support_image = tf.where(support_valid, rendered, tf.zeros_like(rendered))
+        def render_support():
+            s_img, s_mask = self._load_square(support_task, seeds[4])
+            nonempty = tf.reduce_any(s_mask > 0)
+            # An object can vanish in the crop/resize; render a full mask then and mark invalid.
+            rendered = render_visual_prompt_tf(s_img, tf.where(nonempty, s_mask, tf.ones_like(s_mask)), self.mode)
+            return tf.where(nonempty, rendered, tf.zeros_like(rendered)), nonempty
+
+        # Skip decode + render entirely when there is no support (unique phrases are common).
+        support_image, support_valid = tf.cond(
+            has_support, render_support, lambda: (tf.zeros([s, s, 3], tf.uint8), tf.constant(False)))
         support_image.set_shape([s, s, 3])
 
         t = tf.random.stateless_uniform([], seeds[5], minval=0, maxval=len(self.templates), dtype=tf.int32)
