@@ -198,3 +198,4 @@ def build(manual_dir: str | os.PathLike, data_dir: str | os.PathLike, file_forma
         file_format=file_format,
     )
     return builder
+
