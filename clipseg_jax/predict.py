@@ -171,6 +171,10 @@ class Predictor:
         fns = (self._jit_text, self._jit_image_features, self._jit_segment, self._jit_segment_pairs)
         return sum(f._cache_size() for f in fns)
 
+    def clear_cache(self) -> None:
+        """Forget cached text embeddings (benchmarks use this to time the text encoder on every call)."""
+        self._text_cache.clear()
+
     # -- conditions -----------------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
         """(K, projection_dim) text embeddings; cached per string, new ones encoded in bucketed batches."""

@@ -54,7 +54,7 @@ def save_checkpoint(model, out: Path, safe: bool = True, processor: bool = True)
 
 def make_processor(tmp: Path):
     """A CLIPSegProcessor like CIDAS' (ImageNet mean/std, 352, PIL bilinear) with the shipped BPE vocabulary."""
-    from transformers import CLIPSegProcessor, CLIPTokenizerFast, ViTImageProcessor
+    from transformers import CLIPSegProcessor, CLIPTokenizer, ViTImageProcessor
 
     from clipseg_jax.tokenizer import shipped_vocab_and_merges
 
@@ -63,8 +63,11 @@ def make_processor(tmp: Path):
     d.mkdir(parents=True, exist_ok=True)
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    tok = CLIPTokenizerFast(vocab_file=str(d / "vocab.json"), merges_file=str(d / "merges.txt"),
-                            pad_token="<|endoftext|>")
+    # Positional: transformers 5 silently ignores the old `vocab_file=` keywords and builds an empty vocabulary.
+    tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), pad_token="<|endoftext|>")
+    ids = tok(["a photo of a cat"])["input_ids"][0]
+    if ids != [49406, 320, 1125, 539, 320, 2368, 49407]:
+        raise AssertionError(f"reference tokenizer is broken: {ids}")
     image = ViTImageProcessor(size={"height": 352, "width": 352}, resample=2,
                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     return CLIPSegProcessor(image_processor=image, tokenizer=tok)

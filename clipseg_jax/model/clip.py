@@ -45,13 +45,20 @@ def dense(n_in: int, n_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = True) -
     return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
 
-def attention_weights(q: Array, k: Array, bias: Array | None) -> Array:
-    """Softmax attention probabilities, (B, heads, Lq, Lk), computed in float32 like HF."""
+def attention(q: Array, k: Array, v: Array, bias: Array | None = None, dropout: nnx.Dropout | None = None) -> Array:
+    """Softmax attention on heads-major (B, heads, L, head_dim) tensors; scores and softmax in float32 like HF.
+
+    Heads-major einsums are ~2x faster on XLA:CPU than `jax.nn.dot_product_attention` (which works on (B, L, heads,
+    head_dim) and materialises transposes around its batched matmuls) and on par with torch's fused CPU kernel.
+    """
     scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         s = s + bias
-    return jax.nn.softmax(s, axis=-1)
+    p = jax.nn.softmax(s, axis=-1)
+    if dropout is not None:
+        p = dropout(p)
+    return jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v)
 
 
 class Attention(nnx.Module):
@@ -59,6 +66,7 @@ class Attention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, *, dtype=jnp.float32, dropout: float = 0.0, rngs: nnx.Rngs):
         self.num_heads = num_heads
+        self.dtype = dtype
         self.q_proj = dense(dim, dim, dtype, rngs)
         self.k_proj = dense(dim, dim, dtype, rngs)
         self.v_proj = dense(dim, dim, dtype, rngs)
@@ -68,14 +76,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, bias: Array | None = None) -> Array:
         b, n, d = x.shape
-        split = lambda t: t.reshape(b, n, self.num_heads, d // self.num_heads)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        if self.dropout is None:
-            o = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
-        else:
-            p = self.dropout(attention_weights(q, k, bias)).astype(v.dtype)
-            o = jnp.einsum("bhqk,bkhd->bqhd", p, v)
-        return self.out_proj(o.reshape(b, n, d))
+        h = self.num_heads
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        # One (d, 3d) matmul instead of three: better use of the matmul kernels, same numbers.
+        w = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(self.dtype)
+        bias_qkv = jnp.concatenate([p.bias[...] for p in projs]).astype(self.dtype)
+        qkv = (x.astype(self.dtype) @ w + bias_qkv).reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+        o = attention(qkv[0], qkv[1], qkv[2], bias, self.dropout)
+        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
 class MLP(nnx.Module):
