@@ -71,6 +71,8 @@ class CLIPSegDecoder(nnx.Module):
     def __init__(self, cfg: CLIPSegConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         v, d = cfg.vision_config, cfg.reduce_dim
         self.conditional_layer = cfg.conditional_layer
+        # Pairs decoded together per step on CPU (see __call__); None = all at once.
+        self.pair_chunk: int | None = 1
         self.film_mul = dense(cfg.projection_dim, d, dtype, rngs)
         self.film_add = dense(cfg.projection_dim, d, dtype, rngs)
         self.reduces = nnx.List([dense(v.hidden_size, d, dtype, rngs) for _ in cfg.extract_layers])
@@ -102,18 +104,10 @@ class CLIPSegDecoder(nnx.Module):
         applied once per image and then repeated for every prompt of that image."""
         return [r(a) for a, r in zip(activations[::-1], self.reduces)]
 
-    def __call__(
-        self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1,
-        reduced: Sequence[Array] | None = None,
-    ) -> Array:
-        """activations: per extract layer (N, 1+h*w, width) in extract_layers order; conditional_embeddings:
-        (N*prompts_per_image, projection_dim), prompt-major within each image. Returns logits (N*K, H, W)."""
-        red = list(reduced) if reduced is not None else self.reduce(activations)
-        k = prompts_per_image
-        if k > 1:
-            red = [jnp.repeat(r, k, axis=0) for r in red]
+    def _per_pair(self, reduced: Sequence[Array], conditional_embeddings: Array) -> Array:
+        """FiLM, transformer layers and head for a batch of (image, condition) pairs; reduced: deepest first."""
         out = None
-        for i, (a, layer) in enumerate(zip(red, self.layers)):
+        for i, (a, layer) in enumerate(zip(reduced, self.layers)):
             out = a if out is None else a + out
             if i == self.conditional_layer:
                 out = self.film_mul(conditional_embeddings)[:, None] * out + self.film_add(conditional_embeddings)[:, None]
@@ -133,3 +127,26 @@ class CLIPSegDecoder(nnx.Module):
         else:
             x = head(x)
         return x[..., 0]
+
+    def __call__(
+        self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1,
+        reduced: Sequence[Array] | None = None,
+    ) -> Array:
+        """activations: per extract layer (N, 1+h*w, width) in extract_layers order; conditional_embeddings:
+        (N*prompts_per_image, projection_dim), prompt-major within each image. Returns logits (N*K, H, W)."""
+        red = list(reduced) if reduced is not None else self.reduce(activations)
+        if prompts_per_image > 1:
+            red = [jnp.repeat(r, prompts_per_image, axis=0) for r in red]
+        b = conditional_embeddings.shape[0]
+        chunk = self.pair_chunk
+        training = not self.layers[0].dropout1.deterministic
+        if chunk is None or training or b <= chunk or jax.default_backend() != "cpu":
+            return self._per_pair(red, conditional_embeddings)
+        # On CPU the decoder is memory-bound: (pairs, 4 heads, 485, 485) scores and (pairs, 485, 2048) MLP
+        # activations fall out of cache. Looping over small groups of pairs keeps them in cache (~4x faster);
+        # on accelerators one batched pass is better.
+        pad = (-b) % chunk
+        group = lambda t: jnp.pad(t, [(0, pad)] + [(0, 0)] * (t.ndim - 1)).reshape(-1, chunk, *t.shape[1:])
+        out = jax.lax.map(lambda args: self._per_pair(args[0], args[1]),
+                          ([group(r) for r in red], group(conditional_embeddings)))
+        return out.reshape(-1, *out.shape[2:])[:b]
