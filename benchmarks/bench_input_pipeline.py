@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         for threads in a.threads:
             pipe = PCPlus(sources[mode], batch_size=a.batch_size, seed=0, process_index=0, process_count=1,
                           threads=threads, num_parallel_calls=threads, prefetch=2)
-            it = iter(pipe.dataset())
+            it = pipe.iterator()  # numpy batches, as the trainer consumes them
             for _ in range(a.warmup):
                 next(it)
             t0, c0 = time.perf_counter(), time.process_time()

@@ -125,7 +125,7 @@ def render_visual_prompt_tf(image: tf.Tensor, mask: tf.Tensor, mode: str = "crop
             y0, y1, x0, x1 = 0, h, 0, w
         img_f = tf.cast(image, tf.float32)
         xr = (img_f[y0:y1, x0:x1] / 255.0 - mean) / std
-        mr = mask[y0:y1, x0:x1][:, :, None] > 0
+        mr = tf.cast(mask[y0:y1, x0:x1], tf.float32)[:, :, None]
         if sigma > 0:
             # Region plus a 7-px margin; reflect-101 padding only where it meets the image border,
             # which equals blurring the whole image and cropping. Blur is linear with unit gain,
@@ -138,7 +138,8 @@ def render_visual_prompt_tf(image: tf.Tensor, mask: tf.Tensor, mode: str = "crop
             blurred = (_blur_valid(sub, sigma) / 255.0 - mean) / std
         else:
             blurred = xr
-        out = tf.where(mr, xr, bg_fac * blurred)  # == x * m + bg_fac * blurred * (1 - m)
+        # Arithmetic, not tf.where: SelectV2 is ~5x slower than a multiply-add on CPU.
+        out = xr * mr + (bg_fac * blurred) * (1.0 - mr)
         if context is None:
             return _to_uint8(out + offset)
         out = _to_uint8(_pad_to_square(out) + offset)
@@ -344,7 +345,7 @@ class PCPlus:
         r = tf.random.stateless_uniform([], seeds[2], minval=0, maxval=max(n_phrases - 1, 1), dtype=tf.int64)
         neg_pid = r + tf.cast(r >= pid, tf.int64)  # uniform over the other phrases
         pid = tf.where(negative, neg_pid, pid)
-        mask = tf.where(negative, tf.zeros_like(mask), mask)
+        mask = mask * (1 - tf.cast(negative, tf.uint8))  # (tf.where on images is slow on CPU)
         phrase = tf.gather(self._phrases, pid)
 
         # Support: another task with this phrase.
@@ -363,9 +364,10 @@ class PCPlus:
         def render_support():
             s_img, s_mask = self._load_square(support_task, seeds[4])
             nonempty = tf.reduce_any(s_mask > 0)
+            empty_u8 = 1 - tf.cast(nonempty, tf.uint8)
             # An object can vanish in the crop/resize; render a full mask then and mark invalid.
-            rendered = render_visual_prompt_tf(s_img, tf.where(nonempty, s_mask, tf.ones_like(s_mask)), self.mode)
-            return tf.where(nonempty, rendered, tf.zeros_like(rendered)), nonempty
+            rendered = render_visual_prompt_tf(s_img, tf.maximum(s_mask, empty_u8), self.mode)
+            return rendered * (1 - empty_u8), nonempty
 
         # Skip decode + render entirely when there is no support (unique phrases are common).
         support_image, support_valid = tf.cond(
