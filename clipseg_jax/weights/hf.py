@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clipseg_jax._io import atomic_directory
 from clipseg_jax.config import CLIPSegConfig
 from clipseg_jax.model.clipseg import CLIPSeg
 
@@ -179,23 +180,11 @@ def write_hf_directory(model: CLIPSeg, out_dir: str | os.PathLike, extra_files: 
 
     from safetensors.numpy import save_file
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: exists and is not empty")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         cfg = model.config.to_dict()
         cfg["torch_dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         save_file(state_dict_from_model(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, src in dict(extra_files).items():
             shutil.copyfile(src, tmp / name)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

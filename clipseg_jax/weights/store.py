@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from clipseg_jax._io import atomic_directory
 from clipseg_jax.config import CLIPSegConfig
 from clipseg_jax.model.clipseg import CLIPSeg
 from clipseg_jax.weights import hf
@@ -44,13 +45,7 @@ def _nested(model: CLIPSeg) -> dict:
 
 def save(model: CLIPSeg, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write `model` as our checkpoint; atomic (temporary sibling directory, then rename)."""
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: exists and is not empty")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", _nested(model))
             ckptr.wait_until_finished()
@@ -58,13 +53,7 @@ def save(model: CLIPSeg, out_dir: str | os.PathLike, tokenizer_dir: str | os.Pat
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
         meta = {"format": "clipseg_jax", "version": FORMAT_VERSION, "config": model.config.to_dict()}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir).absolute()
 
 
 def _tokenizer_files(d: str | os.PathLike | None) -> Iterable[str]:
