@@ -255,3 +255,41 @@ def test_make_pcplus_from_config(data_dir, tmp_path):
     lines = _write_own_data(root, 3)
     (root / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     own_main([str(root)])
+
+
+def test_query_is_a_square_crop_of_the_original_resized(source):
+    """End to end: image/mask == bilinear/nearest resize of some min(H,W) window of the fully
+    decoded original (so the window-only JPEG decoding is exact), and the window keeps > 5 % of
+    the image as foreground whenever every window does."""
+    b = take(PCPlus(source, batch_size=8, seed=3, process_index=0, process_count=1, negative_prob=0.0,
+                    image_size=SMALL), 3)
+    for img, msk, t in zip(b["image"], b["mask"], b["task_index"]):
+        full, fmask = (x.numpy() for x in source.load(tf.constant(int(t), tf.int64)))
+        h, w = fmask.shape
+        side = min(h, w)
+        errs = []
+        for off in range(max(h, w) - side + 1):
+            oy, ox = (off, 0) if h > w else (0, off)
+            ref = np.clip(np.rint(resize_bilinear_align_corners(full[oy:oy + side, ox:ox + side], (SMALL, SMALL))), 0, 255)
+            errs.append((np.abs(ref - img.astype(float)).max(), oy, ox))
+        err, oy, ox = min(errs)
+        assert err <= 1, err
+        mcrop = fmask[oy:oy + side, ox:ox + side]
+        np.testing.assert_array_equal(msk, resize_nearest(mcrop, (SMALL, SMALL)))
+        windows = [fmask[o:o + side].sum() if h > w else fmask[:, o:o + side].sum() for o in range(max(h, w) - side + 1)]
+        if min(windows) > 0.05 * h * w:
+            assert mcrop.sum() > 0.05 * h * w
+
+
+def test_jpeg_window_decoding_is_exact(manual_dir):
+    from data_pipelines.sources import _decode_jpeg_window
+
+    for path in sorted((manual_dir / "images").glob("*.jpg"))[:6]:
+        data = tf.constant(path.read_bytes())
+        full = tf.io.decode_jpeg(data, channels=3).numpy()
+        h, w = full.shape[:2]
+        s = min(h, w)
+        for off in range(0, max(h, w) - s + 1, 3):
+            win = [off, 0, s, s] if h > w else [0, off, s, s]
+            got = _decode_jpeg_window(data, tf.constant([h, w]), tf.constant(win)).numpy()
+            np.testing.assert_array_equal(got, full[win[0]:win[0] + s, win[1]:win[1] + s])
