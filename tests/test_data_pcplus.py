@@ -293,3 +293,27 @@ def test_jpeg_window_decoding_is_exact(manual_dir):
             win = [off, 0, s, s] if h > w else [0, off, s, s]
             got = _decode_jpeg_window(data, tf.constant([h, w]), tf.constant(win)).numpy()
             np.testing.assert_array_equal(got, full[win[0]:win[0] + s, win[1]:win[1] + s])
+
+
+def test_support_is_rendered_from_a_square_crop_of_the_support_task(source):
+    b = take(PCPlus(source, batch_size=8, seed=5, process_index=0, process_count=1, image_size=SMALL), 2)
+    checked = 0
+    for sup_img, valid, sidx in zip(b["support_image"], b["support_valid"], b["support_index"]):
+        if not valid:
+            continue
+        full, fmask = (x.numpy() for x in source.load(tf.constant(int(sidx), tf.int64)))
+        h, w = fmask.shape
+        side = min(h, w)
+        errs = []
+        for off in range(max(h, w) - side + 1):
+            oy, ox = (off, 0) if h > w else (0, off)
+            m = resize_nearest(fmask[oy:oy + side, ox:ox + side], (SMALL, SMALL))
+            if not m.any():
+                continue
+            img = np.clip(np.rint(resize_bilinear_align_corners(full[oy:oy + side, ox:ox + side], (SMALL, SMALL))),
+                          0, 255).astype(np.uint8)
+            ref = render_visual_prompt(img, m, "crop_blur_highlight352", size=SMALL)
+            errs.append(np.abs(ref.astype(int) - sup_img.astype(int)).max())
+        assert min(errs) <= 1
+        checked += 1
+    assert checked >= 4
