@@ -17,7 +17,7 @@ from clipseg_jax.prompts import (
 )
 from data_pipelines.pcplus import PCPlus, PCPlusIterator, eval_dataset, find_square_crop, render_visual_prompt_tf, resize_image, resize_mask
 from data_pipelines.sources import CachedSource, OwnDataSource, TfdsSource, build_cache
-from tests.data_fixtures import data_dir, manual_dir  # noqa: F401
+from data_fixtures import data_dir, manual_dir  # noqa: F401
 
 
 @pytest.fixture(scope="module")

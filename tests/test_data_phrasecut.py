@@ -11,7 +11,7 @@ from PIL import Image
 import data_pipelines  # noqa: F401  (registers `phrasecut`)
 from data_pipelines import phrasecut, synthetic
 from data_pipelines.polygons import polygons_to_mask
-from tests.data_fixtures import data_dir, manual_dir, reference_mask, refer  # noqa: F401
+from data_fixtures import data_dir, manual_dir, reference_mask, refer  # noqa: F401
 
 
 def test_registered_and_splits(data_dir, manual_dir):
