@@ -317,3 +317,16 @@ def test_support_is_rendered_from_a_square_crop_of_the_support_task(source):
         assert min(errs) <= 1
         checked += 1
     assert checked >= 4
+
+
+def test_cached_fast_window_path_equals_generic_path(source, tmp_path, monkeypatch):
+    """CachedSource.load_square_window (crop choice + window copy in numpy) gives exactly the
+    batches of the generic path (TF find_square_crop on the decoded record)."""
+    cs = CachedSource(build_cache(source, tmp_path / "cache"))
+    kw = dict(batch_size=4, seed=11, process_index=0, process_count=1)
+    fast = take(PCPlus(cs, **kw), 3)
+    monkeypatch.setattr(CachedSource, "load_square_window", None)
+    generic = take(PCPlus(cs, **kw), 3)
+    assert fast["support_valid"].any()
+    for k in fast:
+        np.testing.assert_array_equal(fast[k], generic[k])

@@ -162,3 +162,31 @@ def test_templates():
     assert TEMPLATES_SHUFFLE_PLUS[0] == "a photo of a {}."
     assert TEMPLATES_SHUFFLE_PLUS[3] == "{}."
     assert all(t.count("{}") == 1 for t in TEMPLATES_SHUFFLE_PLUS)
+
+
+@pytest.mark.parametrize("backend", ["default", "numpy"])
+@pytest.mark.parametrize("mode", VISUAL_PROMPT_MODES)
+def test_fast_square_renderer_matches_render_visual_prompt(mode, backend, monkeypatch):
+    """`render_visual_prompt_square_u8` (used by the PC+ pipeline) equals the reference within 1
+    level: objects inside, at the borders, scattered pixels, full image; OpenCV and the
+    scipy/numpy fallback."""
+    from clipseg_jax import prompts
+
+    if backend == "numpy":
+        monkeypatch.setattr(prompts, "_cv2", None)
+    rng = np.random.default_rng(3)
+    for size in (16, 96, 352):
+        img = _textured(rng, size)
+        masks = []
+        for box in [(0.3, 0.7, 0.2, 0.45), (0.0, 0.05, 0.0, 0.6), (0.8, 1.0, 0.9, 1.0), (0.0, 1.0, 0.0, 1.0)]:
+            m = np.zeros((size, size), np.uint8)
+            y0, y1, x0, x1 = (int(round(v * size)) for v in box)
+            m[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1
+            masks.append(m)
+        masks.append((rng.random((size, size)) < 0.02).astype(np.uint8))
+        masks[-1][size // 2, size // 3] = 1
+        for m in masks:
+            ref = render_visual_prompt(img, m, mode, size=size)
+            ours = prompts.render_visual_prompt_square_u8(img, m, mode)
+            assert ours.dtype == np.uint8 and ours.shape == (size, size, 3)
+            assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1, (size, mode)
