@@ -7,10 +7,8 @@ the decoder for every (image, prompt) pair, sigmoid. Text embeddings are cached 
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax

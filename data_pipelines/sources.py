@@ -11,7 +11,6 @@ pre-resized to the training resolution; built with `build_cache`).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

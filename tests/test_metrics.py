@@ -112,7 +112,6 @@ def test_hand_single_sample():
     pts = sorted({(2 / 3, 2 / 5), (2 / 3, 2 / 4), (1 / 3, 1 / 3), (0.0, 0.0)})
     got = [v for pair in r["precision_recall_curve"] for v in pair]
     assert got == pytest.approx([v for pair in pts for v in pair])
-    x = [a for a, _ in pts]
     y = [b for _, b in pts]
     # 4 points -> even='avg'. First: Simpson on pts 0..2 (h0=h1=1/3) + trapezoid on last
     # interval (zero width); last: trapezoid on first interval + Simpson on pts 1..3
