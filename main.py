@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--dataset", required=True, choices=("phrasecut", "pascal5i", "pascal_zs"))
     ev.add_argument("--data-dir", required=True)
-    ev.add_argument("--fold", type=int, default=0)
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--support", choices=("visual", "text"), default="visual")
+    ev.add_argument("--fold", type=int, default=0, help="Pascal-5i fold 0-3, or -1 for all four and their mean")
+    ev.add_argument("--split", default="test",
+                    help="PhraseCut split (test, val, miniv, train; joined ones like val_miniv); Pascal: val")
+    ev.add_argument("--support", choices=("visual", "text"), default="visual",
+                    help="Pascal-5i support: a rendered example image, or the text 'a photo of a {name}.'")
     ev.add_argument("--output", default=None, metavar="metrics.json")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
