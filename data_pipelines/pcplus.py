@@ -27,21 +27,18 @@ import tensorflow as tf
 
 from clipseg_jax import prompts as _prompts
 from clipseg_jax.prompts import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     TEMPLATES_SHUFFLE_PLUS,
     VISUAL_PROMPT_MODES,
-    _BLUR_RADIUS,
     _PREPROCESS_MODES,
     render_visual_prompt_square_u8,
 )
 from data_pipelines.sources import Source
 
-__all__ = ["PCPlus", "PCPlusIterator", "eval_dataset", "render_visual_prompt_tf", "resize_image", "resize_mask"]
+__all__ = ["PCPlus", "PCPlusIterator", "eval_dataset", "resize_image", "resize_mask"]
 
 
 # --------------------------------------------------------------------------------------------
-# Resizing and visual prompt rendering (TF versions of clipseg_jax.prompts, tested equal to it)
+# Resizing (TF versions of clipseg_jax.prompts, tested equal to it)
 # --------------------------------------------------------------------------------------------
 
 def resize_image(image: tf.Tensor, h, w) -> tf.Tensor:
@@ -57,116 +54,6 @@ def resize_mask(mask: tf.Tensor, h, w) -> tf.Tensor:
     """(H, W) -> (h, w) with torch's legacy nearest rule floor(dst * in / out)."""
     return tf.raw_ops.ResizeNearestNeighbor(images=mask[None, :, :, None], size=tf.stack([h, w]),
                                             align_corners=False, half_pixel_centers=False)[0, :, :, 0]
-
-
-def _gauss_kernel(sigma: float) -> np.ndarray:
-    x = np.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=np.float64)
-    k = np.exp(-0.5 * x * x / (sigma * sigma))
-    return (k / k.sum()).astype(np.float32)
-
-
-def _blur_valid(xp: tf.Tensor, sigma: float) -> tf.Tensor:
-    """15-tap separable Gaussian over a tensor already padded by 7 px: 'VALID' output.
-
-    Shifted multiply-adds: on CPU this is 3-6x faster than tf.nn.depthwise_conv2d here.
-    """
-    k = [float(v) for v in _gauss_kernel(sigma)]
-    r = _BLUR_RADIUS
-    h = tf.shape(xp)[0] - 2 * r
-    w = tf.shape(xp)[1] - 2 * r
-    # Symmetric kernel: k[i] == k[2r - i], so pair the taps (8 products per pass instead of 15).
-    y = tf.add_n([k[r] * xp[r:r + h]] + [k[i] * (xp[i:i + h] + xp[2 * r - i:2 * r - i + h]) for i in range(r)])
-    return tf.add_n([k[r] * y[:, r:r + w]] + [k[i] * (y[:, i:i + w] + y[:, 2 * r - i:2 * r - i + w]) for i in range(r)])
-
-
-def _crop_box_tf(mask: tf.Tensor, context: float):
-    """(y0, y1, x0, x1) as `clipseg_jax.prompts.mask_crop_box`."""
-    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
-    rows = tf.cast(tf.where(tf.reduce_any(mask > 0, axis=1))[:, 0], tf.float64)
-    cols = tf.cast(tf.where(tf.reduce_any(mask > 0, axis=0))[:, 0], tf.float64)
-    y0, y1 = tf.reduce_min(rows), tf.reduce_max(rows) + 1
-    x0, x1 = tf.reduce_min(cols), tf.reduce_max(cols) + 1
-    ph, pw = y1 - y0, x1 - x0
-    hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
-    zero = tf.constant(0.0, tf.float64)
-    # float64 and truncation, as Python's int(max(0, y0 - c * ph)) in the original.
-    return (tf.cast(tf.maximum(zero, y0 - context * ph), tf.int32), tf.cast(tf.minimum(hf, y1 + context * ph), tf.int32),
-            tf.cast(tf.maximum(zero, x0 - context * pw), tf.int32), tf.cast(tf.minimum(wf, x1 + context * pw), tf.int32))
-
-
-def _pad_to_square(crop: tf.Tensor) -> tf.Tensor:
-    """Symmetric zero padding to a square (`pad_to_square` of the original)."""
-    ch, cw = tf.shape(crop)[0], tf.shape(crop)[1]
-    d = tf.abs(ch - cw)
-    a = d // 2
-    pad_x = tf.where(ch > cw, tf.stack([a, d - a]), tf.zeros([2], tf.int32))
-    pad_y = tf.where(cw > ch, tf.stack([a, d - a]), tf.zeros([2], tf.int32))
-    return tf.pad(crop, tf.stack([pad_y, pad_x, tf.zeros([2], tf.int32)]))
-
-
-def _to_uint8(x: tf.Tensor) -> tf.Tensor:
-    """Normalised space -> uint8: round((x * std + mean) * 255), saturated."""
-    y = x * tf.constant(IMAGENET_STD * 255.0) + tf.constant(IMAGENET_MEAN * 255.0)
-    return tf.dtypes.saturate_cast(tf.round(y), tf.uint8)
-
-
-def render_visual_prompt_tf(image: tf.Tensor, mask: tf.Tensor, mode: str = "crop_blur_highlight352") -> tf.Tensor:
-    """TF twin of `clipseg_jax.prompts.render_visual_prompt` for a square uint8 image.
-
-    The output side equals the input side (the pipeline renders at `image_size`). The mask must
-    be non-empty for the crop modes (the pipeline checks before calling).
-    """
-    if mode not in VISUAL_PROMPT_MODES:
-        raise ValueError(f"unknown visual prompt mode {mode!r}; expected one of {VISUAL_PROMPT_MODES}")
-    mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
-    # Elementwise ops are not fused on CPU, so everything below works on the crop region only
-    # and the final nearest resize gathers uint8 pixels (it commutes with the uint8 mapping).
-    if mode in _PREPROCESS_MODES:
-        sigma, bg_fac, context, offset = _PREPROCESS_MODES[mode]
-        h, w = tf.shape(mask)[0], tf.shape(mask)[1]
-        if context is not None:
-            y0, y1, x0, x1 = _crop_box_tf(mask, context)
-        else:
-            y0, y1, x0, x1 = 0, h, 0, w
-        img_f = tf.cast(image, tf.float32)
-        xr = (img_f[y0:y1, x0:x1] / 255.0 - mean) / std
-        mr = tf.cast(mask[y0:y1, x0:x1], tf.float32)[:, :, None]
-        if sigma > 0:
-            # Region plus a 7-px margin; reflect-101 padding only where it meets the image border,
-            # which equals blurring the whole image and cropping. Blur is linear with unit gain,
-            # so blurring 0..255 values and normalising afterwards is the same operation.
-            r = _BLUR_RADIUS
-            ys, ye = tf.maximum(y0 - r, 0), tf.minimum(y1 + r, h)
-            xs, xe = tf.maximum(x0 - r, 0), tf.minimum(x1 + r, w)
-            sub = tf.pad(img_f[ys:ye, xs:xe],
-                         [[r - (y0 - ys), r - (ye - y1)], [r - (x0 - xs), r - (xe - x1)], [0, 0]], mode="REFLECT")
-            blurred = (_blur_valid(sub, sigma) / 255.0 - mean) / std
-        else:
-            blurred = xr
-        # Arithmetic, not tf.where: SelectV2 is ~5x slower than a multiply-add on CPU.
-        out = xr * mr + (bg_fac * blurred) * (1.0 - mr)
-        if context is None:
-            return _to_uint8(out + offset)
-        out = _to_uint8(_pad_to_square(out) + offset)
-        return tf.raw_ops.ResizeNearestNeighbor(images=out[None], size=tf.shape(image)[:2], align_corners=False,
-                                                half_pixel_centers=False)[0]
-
-    x = (tf.cast(image, tf.float32) / 255.0 - mean) / std
-    m = tf.cast(mask, tf.float32)[:, :, None]
-    if mode == "overlay":
-        out = x * m
-    elif mode == "highlight":
-        out = x * m * 0.85 + 0.15 * x
-    elif mode == "highlight2":
-        half = x / 2
-        out = (half + 0.1) * m + 0.3 * half
-    elif mode == "shape":
-        out = tf.tile(m, [1, 1, 3])
-    elif mode == "image_only":
-        out = x
-    else:
-        out = tf.zeros_like(x)
-    return _to_uint8(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,12 +240,10 @@ class PCPlus:
     def _render(self, image: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
         """Visual prompt of a square support (non-empty mask).
 
-        The blur/highlight/crop modes run in numpy/OpenCV (`render_visual_prompt_square_u8`,
-        ~1.5 ms for a 352² support against 9-14 ms for the TF ops, whose CPU kernels are unfused);
-        the cheap elementwise modes stay in TF.
+        Every mode runs in numpy/OpenCV (`render_visual_prompt_square_u8`: ~1.5 ms for a 352²
+        support against 9-14 ms for the same TF ops, whose CPU kernels are unfused; the cheap
+        elementwise modes go through `render_visual_prompt` itself).
         """
-        if self.mode not in _PREPROCESS_MODES:
-            return render_visual_prompt_tf(image, mask, self.mode)
         out = tf.numpy_function(functools.partial(render_visual_prompt_square_u8, mode=self.mode), [image, mask],
                                 tf.uint8, stateful=False)
         out.set_shape([self.image_size, self.image_size, 3])

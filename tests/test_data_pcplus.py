@@ -15,7 +15,7 @@ from clipseg_jax.prompts import (
     resize_bilinear_align_corners,
     resize_nearest,
 )
-from data_pipelines.pcplus import PCPlus, PCPlusIterator, eval_dataset, find_square_crop, render_visual_prompt_tf, resize_image, resize_mask
+from data_pipelines.pcplus import PCPlus, PCPlusIterator, eval_dataset, find_square_crop, resize_image, resize_mask
 from data_pipelines.sources import CachedSource, OwnDataSource, TfdsSource, build_cache
 from data_fixtures import data_dir, manual_dir  # noqa: F401
 
@@ -134,13 +134,14 @@ def test_resume_yields_same_next_batch(source):
 
 @pytest.mark.parametrize("box", [(30, 70, 20, 45), (0, 5, 0, 60), (80, 96, 90, 96), (0, 96, 0, 96)])
 @pytest.mark.parametrize("mode", VISUAL_PROMPT_MODES)
-def test_tf_rendering_matches_numpy(mode, box):
+def test_pipeline_rendering_matches_numpy(source, mode, box):
     rng = np.random.default_rng(0)
     img = np.clip(resize_bilinear_align_corners(rng.integers(0, 256, (12, 12, 3)), (96, 96))
                   + rng.normal(0, 8, (96, 96, 3)), 0, 255).astype(np.uint8)
     mask = np.zeros((96, 96), np.uint8)
     mask[box[0]:box[1], box[2]:box[3]] = 1  # interior, touching the top / bottom-right borders, full
-    ours = render_visual_prompt_tf(tf.constant(img), tf.constant(mask), mode).numpy()
+    pipe = PCPlus(source, batch_size=1, visual_prompt_mode=mode, image_size=96, process_index=0, process_count=1)
+    ours = pipe._render(tf.constant(img), tf.constant(mask)).numpy()
     ref = render_visual_prompt(img, mask, mode, size=96)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
 
