@@ -18,10 +18,9 @@ from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
 from clipseg_jax.model.clipseg import CLIPSeg
+from clipseg_jax.prompts import IMAGENET_MEAN, IMAGENET_STD
 from clipseg_jax.tokenizer import CLIPTokenizer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PROMPT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 

@@ -20,8 +20,7 @@ import os
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from clipseg_jax.prompts import IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:

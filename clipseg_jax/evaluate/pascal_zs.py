@@ -47,6 +47,7 @@ import numpy as np
 from clipseg_jax.evaluate._common import DatasetError, batched, prefetch_map, progress
 from clipseg_jax.evaluate._image import load_label, load_rgb, normalize01, resize_bilinear_half_pixel, resize_nearest
 from clipseg_jax.evaluate.pascal5i import find_voc_root
+from clipseg_jax.metrics import _confusion_kernel
 
 IMAGE_SIZE = 352
 BACKGROUND_FACTOR = 3.0
@@ -119,12 +120,7 @@ def load_sample(item, size: int = IMAGE_SIZE):
 def _predict_and_count(probs, labels, num_classes: int = 21):
     fac = jnp.ones((num_classes,), jnp.float32).at[0].set(BACKGROUND_FACTOR)
     pred = jnp.argmax(probs * fac[None, :, None, None], axis=1)
-    gt = labels.reshape(-1).astype(jnp.int32)
-    pr = pred.reshape(-1).astype(jnp.int32)
-    valid = (gt >= 0) & (gt < num_classes)
-    idx = jnp.where(valid, gt * num_classes + pr, num_classes * num_classes)
-    cm = jnp.zeros(num_classes * num_classes + 1, jnp.int32).at[idx].add(1)
-    return cm[:-1].reshape(num_classes, num_classes)
+    return _confusion_kernel(labels, pred, num_classes=num_classes)
 
 
 def iou_per_class(cm: np.ndarray) -> np.ndarray:
