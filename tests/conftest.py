@@ -27,3 +27,19 @@ def tiny_refined_hf_dir(tmp_path_factory):
 
     cfg = hf_config(use_complex_transposed_convolution=True, reduce_dim=8, extract_layers=[0, 2], conditional_layer=1)
     return save_checkpoint(make_model(cfg, seed=1), tmp_path_factory.mktemp("tiny_refined_hf"))
+
+
+@pytest.fixture(scope="session")
+def pc_root(tmp_path_factory):
+    """A small PhraseCut (VGPhraseCut_v0 layout) for the evaluation tests; read-only."""
+    from eval_fixtures import write_phrasecut
+
+    return write_phrasecut(tmp_path_factory.mktemp("pc"))
+
+
+@pytest.fixture(scope="session")
+def voc_root(tmp_path_factory):
+    """A small VOC2012 + SBD-aug layout with PFENet lists for the evaluation tests; read-only."""
+    from eval_fixtures import write_voc
+
+    return write_voc(tmp_path_factory.mktemp("voc"))

@@ -11,7 +11,7 @@ import pytest
 from clipseg_jax.evaluate import main_eval, pascal5i, pascal_zs, phrasecut
 from clipseg_jax.tokenizer import CLIPTokenizer
 
-from eval_fixtures import write_phrasecut, write_tiny_model, write_voc
+from eval_fixtures import write_phrasecut, write_tiny_model
 from test_metrics import ref_metrics
 
 torch = pytest.importorskip("torch")
@@ -28,16 +28,6 @@ def hf_model(model_dir):
     from transformers import CLIPSegForImageSegmentation
 
     return CLIPSegForImageSegmentation.from_pretrained(model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def pc_root(tmp_path_factory):
-    return write_phrasecut(tmp_path_factory.mktemp("pc"))
-
-
-@pytest.fixture(scope="module")
-def voc_root(tmp_path_factory):
-    return write_voc(tmp_path_factory.mktemp("voc"))
 
 
 def args(model_dir, dataset, data_dir, out=None, **kw):

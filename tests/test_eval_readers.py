@@ -12,16 +12,6 @@ from clipseg_jax.evaluate import pascal5i, pascal_zs, phrasecut
 from eval_fixtures import VOC_IMAGES, voc_label, write_phrasecut, write_voc
 
 
-@pytest.fixture(scope="module")
-def pc_root(tmp_path_factory):
-    return write_phrasecut(tmp_path_factory.mktemp("pc"))
-
-
-@pytest.fixture(scope="module")
-def voc_root(tmp_path_factory):
-    return write_voc(tmp_path_factory.mktemp("voc"))
-
-
 def one_line(e):
     s = str(e.value)
     assert s and "\n" not in s
