@@ -137,7 +137,7 @@ class Predictor:
         self._text_cache_size = text_cache_size
         self._jit_text = jax.jit(self._text_fn)
         self._jit_image_features = jax.jit(self._image_features_fn)
-        self._jit_segment = jax.jit(self._segment_fn, static_argnames=("k",))
+        self._jit_segment = jax.jit(self._segment_fn)
         self._jit_segment_pairs = jax.jit(self._segment_pairs_fn)
 
     @classmethod
@@ -154,11 +154,11 @@ class Predictor:
     def _image_features_fn(self, state, pixels_u8):
         return nnx.merge(self._graphdef, state).get_image_features(normalize(pixels_u8, self.dtype)).astype(jnp.float32)
 
-    def _segment_fn(self, state, pixels_u8, cond, k):
+    def _segment_fn(self, state, pixels_u8, cond):
         """pixels (N, S, S, 3) uint8, cond (K, P): all N*K pairs -> probabilities (N, K, S, S)."""
         model = nnx.merge(self._graphdef, state)
         acts = model.encode_image(normalize(pixels_u8, self.dtype))
-        n = pixels_u8.shape[0]
+        n, k = pixels_u8.shape[0], cond.shape[0]
         cond_pairs = jnp.tile(cond, (n, 1))  # image-major, prompt-minor: pair i*K + j
         logits = model.decode(acts, cond_pairs, prompts_per_image=k)
         return jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(n, k, *logits.shape[1:])
@@ -236,7 +236,7 @@ class Predictor:
             for ks in range(0, k, kb):
                 c = cond[ks:ks + kb]
                 c = np.concatenate([c, np.repeat(c[-1:], kb - len(c), 0)]).astype(np.float32)
-                per_prompt.append(np.asarray(self._jit_segment(self._state, padded, c, k=kb))[: len(chunk), : min(kb, k - ks)])
+                per_prompt.append(np.asarray(self._jit_segment(self._state, padded, c))[: len(chunk), : min(kb, k - ks)])
             out.append(np.concatenate(per_prompt, axis=1))
         return np.concatenate(out)
 

@@ -128,13 +128,10 @@ class CLIPSegDecoder(nnx.Module):
             x = head(x)
         return x[..., 0]
 
-    def __call__(
-        self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1,
-        reduced: Sequence[Array] | None = None,
-    ) -> Array:
+    def __call__(self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1) -> Array:
         """activations: per extract layer (N, 1+h*w, width) in extract_layers order; conditional_embeddings:
         (N*prompts_per_image, projection_dim), prompt-major within each image. Returns logits (N*K, H, W)."""
-        red = list(reduced) if reduced is not None else self.reduce(activations)
+        red = self.reduce(activations)
         if prompts_per_image > 1:
             red = [jnp.repeat(r, prompts_per_image, axis=0) for r in red]
         b = conditional_embeddings.shape[0]
