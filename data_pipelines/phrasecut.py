@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
-from data_pipelines.polygons import polygon_to_mask
+from clipseg_jax.polygons import polygons_mask
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ SPLIT_FILES = {"train": "train", "validation": "val", "test": "test", "miniv": "
 _DESCRIPTION = f"""
 PhraseCut: referring-expression segmentation on Visual Genome images (Wu et al., CVPR 2020).
 One example per task (phrase, image): the image, the union of all referred instances' polygons
-rasterised at the image's own size (CLIPSeg's convention: a pixel is foreground when its centre
-lies inside a polygon, even-odd rule), the phrase, its structure and the instance boxes.
+rasterised at the image's own size (CLIPSeg's convention, skimage's polygon2mask: a pixel is
+foreground when its centre lies inside a polygon or on its boundary), the phrase, its structure
+and the instance boxes.
 
 Left out: the 17 image ids whose annotations do not match their image, as in CLIPSeg
 ({sorted(INVALID_IMAGE_IDS)}); any other image whose decoded size differs from
@@ -54,8 +55,10 @@ class Phrasecut(tfds.core.GeneratorBasedBuilder):
     """PhraseCut (VGPhraseCut_v0) from a manual download."""
 
     name = "phrasecut"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Masks include pixels exactly on a polygon edge or vertex, as skimage's polygon2mask "
+                              "(the rasteriser shared with evaluation, clipseg_jax.polygons)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
     PhraseCut cannot be downloaded automatically (its images come from Visual Genome).
     1. git clone https://github.com/ChenyunWu/PhraseCutDataset && cd PhraseCutDataset
@@ -143,18 +146,17 @@ class Phrasecut(tfds.core.GeneratorBasedBuilder):
                 skipped["size_mismatch_tasks"] += len(image_tasks)
                 continue
             for t in image_tasks:
-                mask = np.zeros((h, w), np.uint8)
-                n_valid = 0
+                valid = []
                 for polys in t["Polygons"]:
                     for poly in polys:
                         if len(poly) < 3 or any(len(p) != 2 for p in poly):
                             skipped["bad_polygons"] += 1
                             continue
-                        polygon_to_mask(poly, h, w, mask)
-                        n_valid += 1
-                if n_valid == 0:
+                        valid.append(poly)
+                if not valid:
                     skipped["tasks_without_valid_polygon"] += 1
                     continue
+                mask = polygons_mask([valid], h, w)
                 buf = io.BytesIO()
                 Image.fromarray(mask).save(buf, format="PNG", compress_level=1)
                 ps = t.get("phrase_structure") or {}

@@ -9,9 +9,29 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import data_pipelines  # noqa: F401  (registers `phrasecut`)
+from clipseg_jax.polygons import polygon_mask, polygons_mask
 from data_pipelines import phrasecut, synthetic
-from data_pipelines.polygons import polygons_to_mask
 from data_fixtures import data_dir, manual_dir, reference_mask, refer  # noqa: F401
+
+
+def brute_force_mask(instances, height: int, width: int) -> np.ndarray:
+    """Independent reference for skimage's polygon2mask: every pixel centre (x=col, y=row) is
+    tested against every edge; it is in when it lies on a closed edge segment (exact
+    collinearity + bounding box) or inside by even-odd ray casting. Union over polygons."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    out = np.zeros((height, width), bool)
+    for polys in instances:
+        for poly in polys:
+            p = np.asarray(poly, np.float64)
+            inside = np.zeros((height, width), bool)
+            on_edge = np.zeros((height, width), bool)
+            for (x0, y0), (x1, y1) in zip(p, np.roll(p, -1, axis=0)):
+                on_edge |= (((x1 - x0) * (yy - y0) == (y1 - y0) * (xx - x0))
+                            & (min(x0, x1) <= xx) & (xx <= max(x0, x1)) & (min(y0, y1) <= yy) & (yy <= max(y0, y1)))
+                if y0 != y1:
+                    inside ^= ((y0 > yy) != (y1 > yy)) & (xx < x0 + (yy - y0) * (x1 - x0) / (y1 - y0))
+            out |= inside | on_edge
+    return out.astype(np.uint8)
 
 
 def test_registered_and_splits(data_dir, manual_dir):
@@ -38,14 +58,60 @@ def test_examples_match_annotations_and_reference_rasterisation(data_dir, manual
         assert len(ex["instance_boxes"]) == len(t["instance_boxes"])
         m = ex["mask"][:, :, 0]
         assert set(np.unique(m)) <= {0, 1}
+        # independent rasterisations: skimage's rule (boundary in) exactly; centre-inside
+        # ray casting (boundary out) up to border pixels
+        np.testing.assert_array_equal(m, brute_force_mask(t["Polygons"], *img.shape[:2]))
         ref = reference_mask(t["Polygons"], *img.shape[:2])
         if ref.sum() >= 200:  # non-tiny
             inter, union = (m & ref).sum(), (m | ref).sum()
             ious.append(inter / union)
-        np.testing.assert_array_equal(polygons_to_mask(t["Polygons"], *img.shape[:2]), m)
         assert ex["phrase_structure"]["name"].decode() == t["phrase_structure"]["name"]
     assert gray_seen, "fixture should contain a grayscale JPEG"
     assert len(ious) > 10 and min(ious) >= 0.98
+
+
+def test_pixels_exactly_on_edges_and_vertices_are_included():
+    # rectangle with integer corners: all four sides are in (skimage's polygon2mask)
+    m = polygons_mask([[[[2, 3], [10, 3], [10, 8], [2, 8]]]], 12, 14)
+    expected = np.zeros((12, 14), np.uint8)
+    expected[3:9, 2:11] = 1
+    assert m.dtype == np.uint8
+    np.testing.assert_array_equal(m, expected)
+    # right triangle: the pixels on the diagonal hypotenuse are in
+    tri = [[1, 1], [9, 9], [1, 9]]
+    expected = np.zeros((12, 12), bool)
+    for r in range(1, 10):
+        expected[r, 1:r + 1] = True
+    np.testing.assert_array_equal(polygon_mask((12, 12), tri), expected)
+    # a polygon that only touches a lattice point at a vertex (tip at x=5, y=2)
+    m = polygon_mask((8, 8), [[5, 2], [5.5, 4.5], [4.5, 4.5]])
+    assert m[2, 5] and m[3, 5] and m[4, 5] and m.sum() == 3  # the tip (a vertex), then two inside
+    # and the independent reference agrees
+    for poly, (h, w) in [([[2, 3], [10, 3], [10, 8], [2, 8]], (12, 14)), (tri, (12, 12))]:
+        np.testing.assert_array_equal(polygon_mask((h, w), poly), brute_force_mask([[poly]], h, w).astype(bool))
+
+
+def test_concave_self_touching_and_random_polygons_vs_brute_force():
+    H, W = 20, 24
+    polys = [
+        # concave comb with integer vertices and diagonal edges through lattice points
+        [[1, 1], [17, 1], [17, 15], [13, 11], [11, 15], [9, 5], [7, 15], [5, 11], [1, 15]],
+        # self-touching: two squares joined at the lattice point (8, 8), one ring
+        [[2, 2], [8, 2], [8, 8], [14, 8], [14, 14], [8, 14], [8, 8], [2, 8]],
+        # self-intersecting bowtie (even-odd) crossing at a non-lattice point, partly off the image
+        [[-2.5, 0.5], [21.5, 17.5], [21.5, 0.5], [-2.5, 17.5]],
+        # star pentagram: the centre is outside by the even-odd rule
+        [[12, 1], [17.5, 18], [3, 7.5], [21, 7.5], [6.5, 18]],
+    ]
+    for poly in polys:
+        np.testing.assert_array_equal(polygons_mask([[poly]], H, W), brute_force_mask([[poly]], H, W), str(poly))
+    assert polygons_mask([[polys[3]]], H, W)[10, 12] == 0  # the pentagram's hole
+    rng = np.random.default_rng(11)
+    for _ in range(40):  # random, mostly self-intersecting, float polygons, several per instance
+        inst = [[(rng.random((int(rng.integers(3, 12)), 2)) * [W + 8, H + 8] - 4).tolist()
+                 for _ in range(int(rng.integers(1, 3)))] for _ in range(int(rng.integers(1, 3)))]
+        np.testing.assert_array_equal(polygons_mask(inst, H, W), brute_force_mask(inst, H, W))
+    assert polygons_mask([], 3, 4).shape == (3, 4) and not polygons_mask([], 3, 4).any()
 
 
 def test_invalid_ids_corrupt_images_and_bad_polygons_are_skipped_and_counted(tmp_path, caplog):

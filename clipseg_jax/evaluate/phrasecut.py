@@ -9,7 +9,8 @@ and what is reproduced here:
 * Ground truth: each polygon of each instance rasterised with
   ``skimage.draw.polygon2mask((H, W), [(y, x) ...])`` (pixel (r, c) is in when the point
   (c, r) is inside the polygon or on its boundary; skimage's O'Rourke crossing test,
-  re-implemented here without skimage), union over all polygons, at the size given by
+  re-implemented without skimage in ``clipseg_jax.polygons``, which the PhraseCut training
+  builder uses too), union over all polygons, at the size given by
   ``image_data_split.json``; then resized to 352×352 with PyTorch's 'nearest'.
 * Image: RGB (grayscale replicated), resized to 352×352 **without keeping the aspect
   ratio** (bilinear, ``align_corners=True``, on 0..255 floats), /255, ImageNet mean/std.
@@ -44,6 +45,7 @@ import numpy as np
 
 from clipseg_jax.evaluate._common import DatasetError, batched, prefetch_map, progress, read_json, require_dir
 from clipseg_jax.evaluate._image import load_rgb, normalize01, resize_bilinear_align_corners, resize_nearest
+from clipseg_jax.polygons import polygon_mask, polygons_mask  # noqa: F401  (polygon_mask: public here too)
 
 IMAGE_SIZE = 352
 
@@ -184,63 +186,9 @@ def _read_refer(refer_path: Path, split: str, size: dict, info_path: Path, tasks
 # ----------------------------------------------------------------------------------------
 
 
-def polygon_mask(shape: tuple[int, int], points) -> np.ndarray:
-    """``skimage.draw.polygon2mask(shape, [(y, x) ...])`` for a polygon given as (x, y)
-    points: pixel (r, c) is set when (x=c, y=r) is inside, on an edge or on a vertex
-    (skimage's ``point_in_polygon`` != OUTSIDE), within the bounding box skimage scans."""
-    H, W = shape
-    pts = np.asarray(points, np.float64).reshape(-1, 2)
-    xp, yp = pts[:, 0], pts[:, 1]
-    mask = np.zeros((H, W), bool)
-    if len(pts) == 0:
-        return mask
-    minr = int(max(0.0, yp.min()))
-    maxr = min(H - 1, int(math.ceil(yp.max())))
-    minc = int(max(0.0, xp.min()))
-    maxc = min(W - 1, int(math.ceil(xp.max())))
-    if maxr < minr or maxc < minc:
-        return mask
-    ys = np.arange(minr, maxr + 1, dtype=np.float64)
-    xs = np.arange(minc, maxc + 1, dtype=np.float64)[None, :]
-    R, C = len(ys), xs.shape[1]
-    vertex = np.zeros((R, C), bool)
-    r_cross = np.zeros((R, C), np.int32)
-    l_cross = np.zeros((R, C), np.int32)
-    eps = 1e-12
-    n = len(pts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for i in range(n):
-            # vertex i within eps of a grid point -> that pixel is on the polygon
-            c, r = round(xp[i]), round(yp[i])
-            if minr <= r <= maxr and minc <= c <= maxc and abs(xp[i] - c) < eps and abs(yp[i] - r) < eps:
-                vertex[r - minr, c - minc] = True
-            # edge (i-1, i): only the rows it straddles can count a crossing
-            y0 = yp[i] - ys
-            y1 = yp[i - 1] - ys
-            up = (y0 > 0) != (y1 > 0)
-            down = (y0 < 0) != (y1 < 0)
-            rows = np.nonzero(up | down)[0]
-            if rows.size == 0:
-                continue
-            a = y0[rows][:, None]
-            b = y1[rows][:, None]
-            x0 = xp[i] - xs
-            x1 = xp[i - 1] - xs
-            cross = (x0 * b - x1 * a) / (b - a)
-            r_cross[rows] += up[rows][:, None] & (cross > 0)
-            l_cross[rows] += down[rows][:, None] & (cross < 0)
-    inside = vertex | ((r_cross & 1) != (l_cross & 1)) | ((r_cross & 1) == 1)
-    mask[minr : maxr + 1, minc : maxc + 1] = inside
-    return mask
-
-
 def task_mask(task: PhraseCutTask) -> np.ndarray:
-    """Union of all polygons of all instances at the annotated (height, width)."""
-    m = np.zeros((task.height, task.width), bool)
-    for inst in task.polygons:
-        for poly in inst:
-            m |= polygon_mask((task.height, task.width), poly)
-    return m
+    """Union of all polygons of all instances at the annotated (height, width), bool."""
+    return polygons_mask(task.polygons, task.height, task.width).view(bool)
 
 
 def load_sample(root: Path, task: PhraseCutTask, size: int = IMAGE_SIZE):
