@@ -1,4 +1,4 @@
-"""Text templates and visual-prompt engineering of CLIPSeg (numpy only).
+"""Text templates and visual-prompt engineering of CLIPSeg (numpy + OpenCV).
 
 Shared by training (the PC+ pipeline), inference and one-shot evaluation.
 
@@ -13,6 +13,9 @@ of the ``blur*_highlight*`` modes can do, on pure-black pixels).
 """
 from __future__ import annotations
 
+import functools
+
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -21,11 +24,12 @@ __all__ = [
     "IMAGENET_STD",
     "TEMPLATES_SHUFFLE_PLUS",
     "VISUAL_PROMPT_MODES",
+    "apply_template",
     "render_visual_prompt",
     "render_visual_prompt_square_u8",
     "resize_bilinear_align_corners",
     "resize_nearest",
-    "apply_template",
+    "visual_prompt_read_region",
 ]
 
 # Order as in the original `get_prompt_list('shuffle+')` (models/clipseg.py).
@@ -241,110 +245,128 @@ def render_visual_prompt(
 # Fast uint8 renderer for the blur/highlight/crop modes (used by the PC+ pipeline).
 # --------------------------------------------------------------------------------------------
 
-try:  # OpenCV's separable float32 Gaussian is ~10x faster than scipy.ndimage and releases the GIL.
-    import cv2 as _cv2
-except ImportError:  # pragma: no cover - optional dependency
-    _cv2 = None
-
-
 def _gauss_taps(sigma: float) -> np.ndarray:
     x = np.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, dtype=np.float64)
     k = np.exp(-0.5 * x * x / (sigma * sigma))
     return k / k.sum()
 
 
-def _blur_u8_region(image: np.ndarray, y0: int, y1: int, x0: int, x1: int, sigma: float) -> np.ndarray:
-    """15-tap Gaussian blur (reflect-101 at the image border) of `image`, evaluated on the box only.
+@functools.cache
+def _u8_mode_constants(mode: str):
+    """Per-mode constants of the uint8 renderer (computed once)."""
+    sigma, bg_fac, _, offset = _PREPROCESS_MODES[mode]
+    off = np.float64(offset) * IMAGENET_STD.astype(np.float64) * 255.0  # offset in uint8 units
+    bg = (1.0 - bg_fac) * IMAGENET_MEAN.astype(np.float64) * 255.0 + off
+    k = _gauss_taps(sigma).astype(np.float32)
+    pad = _denormalize_to_uint8(np.full((1, 1, 3), offset, np.float32))
+    return (k * np.float32(bg_fac), k, (*np.rint(bg).tolist(), 0.0), (*off.tolist(), 0.0),
+            cv2.cvtColor(pad, cv2.COLOR_RGB2RGBA).view(np.uint32)[0, 0, 0])
 
-    Reads the box plus a 7-px margin (clipped to the image). Where the margin is clipped the
-    box meets the image border and the filter's own reflect-101 border is the image's, so the
-    result equals blurring the whole image and cropping. Returns float32 (y1-y0, x1-x0, 3) in
-    0..255 units (the blur is linear with unit gain, so it commutes with the normalisation).
-    """
+
+def _rgba_u32(rgb: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 -> (h, w) uint32 pixels, so a 2-D gather moves whole pixels."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA).view(np.uint32)[:, :, 0]
+
+
+def _render_box(m: np.ndarray, context: float | None) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) the prompt shows: `mask_crop_box` (OpenCV's bounding box) or everything."""
+    h, w = m.shape
+    if context is None:
+        return 0, h, 0, w
+    bx, by, bw, bh = cv2.boundingRect(m)
+    return (int(max(0, by - context * bh)), int(min(h, by + bh + context * bh)),
+            int(max(0, bx - context * bw)), int(min(w, bx + bw + context * bw)))
+
+
+def _with_margin(box: tuple[int, int, int, int], h: int, w: int) -> tuple[int, int, int, int]:
     r = _BLUR_RADIUS
-    h, w = image.shape[:2]
-    ys, ye, xs, xe = max(y0 - r, 0), min(y1 + r, h), max(x0 - r, 0), min(x1 + r, w)
-    sub = image[ys:ye, xs:xe]
-    if _cv2 is not None and min(sub.shape[:2]) > 1:
-        k = _gauss_taps(sigma).astype(np.float32)
-        out = _cv2.sepFilter2D(np.ascontiguousarray(sub), _cv2.CV_32F, k, k, borderType=_cv2.BORDER_REFLECT_101)
-    else:
-        k = _gauss_taps(sigma)
-        out = ndimage.correlate1d(sub.astype(np.float32), k, axis=0, mode="mirror")
-        out = ndimage.correlate1d(out, k, axis=1, mode="mirror")
-    return out[y0 - ys:y1 - ys, x0 - xs:x1 - xs]
+    y0, y1, x0, x1 = box
+    return max(y0 - r, 0), min(y1 + r, h), max(x0 - r, 0), min(x1 + r, w)
 
 
-def _affine_u8(x: np.ndarray, scale: float, bias: np.ndarray) -> np.ndarray:
-    """round(clip(x * scale + bias[c])) as uint8 for a float32 (h, w, 3) array."""
-    if _cv2 is not None:
-        m = np.zeros((3, 4), np.float64)
-        m[[0, 1, 2], [0, 1, 2]] = scale
-        m[:, 3] = bias
-        y = _cv2.transform(np.ascontiguousarray(x, np.float32), m)
-    else:
-        y = x * np.float32(scale) + bias.astype(np.float32)
-    np.rint(y, out=y)
-    np.clip(y, 0, 255, out=y)
-    return y.astype(np.uint8)
+def visual_prompt_read_region(mask: np.ndarray, mode: str) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the only image pixels `render_visual_prompt_square_u8` reads for `mask`.
+
+    Lets a caller produce just that part of the support image (e.g. resize only the crop box
+    plus the blur margin); the rest of the image it passes may be left uninitialised.
+    """
+    h, w = mask.shape
+    if mode not in _PREPROCESS_MODES:
+        return 0, h, 0, w
+    box = _render_box(np.ascontiguousarray(mask, dtype=np.uint8), _PREPROCESS_MODES[mode][2])
+    return _with_margin(box, h, w)
 
 
-def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: str = "crop_blur_highlight352") -> np.ndarray:
+def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: str = "crop_blur_highlight352",
+                                   out: np.ndarray | None = None) -> np.ndarray:
     """Fast `render_visual_prompt` for a square uint8 image and its non-empty {0,1} mask.
 
-    Output side = input side. Only the blur/highlight/crop modes (`_PREPROCESS_MODES`) are
-    accelerated; the others fall back to `render_visual_prompt`. Works directly in uint8 units:
-    an object pixel keeps its value, a background pixel becomes
-    ``bg_fac * blur + (1 - bg_fac) * 255 * mean``, and the ``offset`` and the zero padding of the
-    original's normalised space become ``offset * 255 * std`` and the mean colour. Blur, mixing and
-    rounding are done on the crop box only (OpenCV when installed, else scipy/numpy); the pad to
-    square and the nearest resize are one gather of uint8 pixels. Equal to `render_visual_prompt`
-    within 1 level (float rounding at .5 ties), tested.
+    Output side = input side; written into `out` (uint8 (S, S, 3)) when given. `image` may be
+    a strided view (e.g. a window of a memory-mapped cache). Only the blur/highlight/crop modes
+    (`_PREPROCESS_MODES`) are accelerated; the others fall back to `render_visual_prompt`.
+
+    Works in uint8 units: an object pixel keeps its value, a background pixel becomes
+    ``bg_fac * blur + (1 - bg_fac) * 255 * mean`` (the blur is linear with unit gain, so it
+    commutes with the normalisation), ``offset`` becomes ``offset * 255 * std`` and the zero
+    padding of the original's normalised space the mean colour. The 15-tap blur (OpenCV,
+    float32) is evaluated on the crop box plus its 7-px margin only; the pad to square and the
+    nearest resize are one gather of 32-bit pixels. Equal to `render_visual_prompt` within 1
+    level (float rounding at .5 ties), tested.
     """
     image = np.asarray(image)
     mask = np.asarray(mask)
     if mode not in _PREPROCESS_MODES:
-        return render_visual_prompt(image, mask, mode, size=image.shape[0])
+        res = render_visual_prompt(image, mask, mode, size=image.shape[0])
+        if out is None:
+            return res
+        out[...] = res
+        return out
     h, w = mask.shape
     if image.shape != (h, w, 3) or h != w or image.dtype != np.uint8:
         raise ValueError(f"expected a square uint8 (S, S, 3) image and (S, S) mask; got {image.shape} {mask.shape}")
     sigma, bg_fac, context, offset = _PREPROCESS_MODES[mode]
-    m = mask.astype(np.uint8, copy=False)
-    if context is not None:
-        y0, y1, x0, x1 = mask_crop_box(m, context)
-    else:
-        y0, y1, x0, x1 = 0, h, 0, w
-    off = np.float64(offset) * IMAGENET_STD.astype(np.float64) * 255.0  # offset in uint8 units
-    if sigma > 0:
-        blurred = _blur_u8_region(image, y0, y1, x0, x1, sigma)
-    else:
-        blurred = image[y0:y1, x0:x1].astype(np.float32)
-    out = _affine_u8(blurred, bg_fac, (1.0 - bg_fac) * IMAGENET_MEAN.astype(np.float64) * 255.0 + off)
+    kx, ky, bg, off, pad = _u8_mode_constants(mode)
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    y0, y1, x0, x1 = _render_box(m, context)
+
+    # Background of the box: blur of the box + margin (clipped at the image border, where the
+    # filter's own reflect-101 border is the image's, so this equals blurring the whole image),
+    # scaled by bg_fac and rounded by the filter, plus the rounded constant. Both roundings
+    # together stay within 1 level of the exact value.
+    ys, ye, xs, xe = _with_margin((y0, y1, x0, x1), h, w)
+    sub = image[ys:ye, xs:xe]
+    if min(sub.shape[:2]) > 1:
+        blurred = cv2.sepFilter2D(sub, cv2.CV_8U, kx, ky, borderType=cv2.BORDER_REFLECT_101)
+    else:  # OpenCV's filters need 2 px; a 1-px strip is filtered along its length only
+        k = _gauss_taps(sigma)
+        blurred = ndimage.correlate1d(sub.astype(np.float32), k, axis=0, mode="mirror")
+        blurred = np.rint(ndimage.correlate1d(blurred, k, axis=1, mode="mirror") * bg_fac).astype(np.uint8)
+    blurred = np.ascontiguousarray(blurred[y0 - ys:y1 - ys, x0 - xs:x1 - xs])
+    comp = cv2.add(blurred, bg)  # saturating uint8 add
     crop = image[y0:y1, x0:x1]
     if offset:
-        crop = _affine_u8(crop.astype(np.float32), 1.0, off)
-    mc = m[y0:y1, x0:x1]
-    if _cv2 is not None:
-        _cv2.copyTo(np.ascontiguousarray(crop), np.ascontiguousarray(mc), out)
-    else:
-        np.copyto(out, crop, where=mc[:, :, None].astype(bool))
+        crop = cv2.add(crop.astype(np.float32), off, dtype=cv2.CV_8U)
+    cv2.copyTo(np.ascontiguousarray(crop), np.ascontiguousarray(m[y0:y1, x0:x1]), comp)
     if context is None:
+        if out is None:
+            return comp
+        out[...] = comp
         return out
-    # Pad to square with the mean colour (0 in normalised space) and nearest-resize back to
-    # h x w (src = floor(dst * n / h)): one gather with out-of-crop indices -> pad colour.
+
+    # Pad to a square of the mean colour (0 in normalised space), then nearest-resize back to
+    # h x w with the rule of `resize_nearest` (src = floor(dst * n / h)).
     ch, cw = y1 - y0, x1 - x0
     n = max(ch, cw)
-    pad_val = _denormalize_to_uint8(np.full((1, 1, 3), offset, np.float32))[0, 0]
+    sq = np.empty((n, n), np.uint32)
+    sq[...] = pad
+    a, b = (n - ch) // 2, (n - cw) // 2
+    sq[a:a + ch, b:b + cw] = _rgba_u32(comp)
     src = np.minimum((np.arange(h) * (n / h)).astype(np.int64), n - 1)
-    iy = src - (n - ch) // 2
-    ix = src - (n - cw) // 2
-    if _cv2 is not None:
-        my = np.repeat(iy.astype(np.float32)[:, None], w, axis=1)
-        mx = np.repeat(ix.astype(np.float32)[None, :], h, axis=0)
-        return _cv2.remap(out, mx, my, _cv2.INTER_NEAREST, borderMode=_cv2.BORDER_CONSTANT,
-                          borderValue=tuple(float(v) for v in pad_val))
-    vy, vx = (iy >= 0) & (iy < ch), (ix >= 0) & (ix < cw)
-    res = np.empty((h, w, 3), np.uint8)
-    res[...] = pad_val
-    res[np.ix_(vy, vx)] = out[iy[vy]][:, ix[vx]]
-    return res
+    gathered = np.take(sq, src, axis=1)[src]  # columns of the n rows first: n <= h rows to gather
+    rgba = gathered.view(np.uint8).reshape(h, w, 4)
+    if out is None:
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+    res = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB, dst=out)  # in place when `out` is contiguous
+    if res is not out and not np.shares_memory(res, out):
+        out[...] = res
+    return out

@@ -164,16 +164,13 @@ def test_templates():
     assert all(t.count("{}") == 1 for t in TEMPLATES_SHUFFLE_PLUS)
 
 
-@pytest.mark.parametrize("backend", ["default", "numpy"])
 @pytest.mark.parametrize("mode", VISUAL_PROMPT_MODES)
-def test_fast_square_renderer_matches_render_visual_prompt(mode, backend, monkeypatch):
+def test_fast_square_renderer_matches_render_visual_prompt(mode):
     """`render_visual_prompt_square_u8` (used by the PC+ pipeline) equals the reference within 1
-    level: objects inside, at the borders, scattered pixels, full image; OpenCV and the
-    scipy/numpy fallback."""
+    level: objects inside, at the borders, scattered pixels, 1-px strips, full image; also
+    written into a strided `out` from a strided image view (a window of a larger array)."""
     from clipseg_jax import prompts
 
-    if backend == "numpy":
-        monkeypatch.setattr(prompts, "_cv2", None)
     rng = np.random.default_rng(3)
     for size in (16, 96, 352):
         img = _textured(rng, size)
@@ -190,3 +187,10 @@ def test_fast_square_renderer_matches_render_visual_prompt(mode, backend, monkey
             ours = prompts.render_visual_prompt_square_u8(img, m, mode)
             assert ours.dtype == np.uint8 and ours.shape == (size, size, 3)
             assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1, (size, mode)
+            big = np.zeros((size + 5, size + 9, 3), np.uint8)
+            big[2:2 + size, 4:4 + size] = img
+            batch = np.zeros((2, size, size, 3), np.uint8)
+            res = prompts.render_visual_prompt_square_u8(big[2:2 + size, 4:4 + size], m.astype(bool), mode, out=batch[1])
+            assert res is batch[1] or np.shares_memory(res, batch)
+            np.testing.assert_array_equal(batch[1], ours)
+            assert not batch[0].any()
