@@ -4,13 +4,14 @@
 
 Builds (once, in --work) a synthetic PhraseCut in the official layout with Visual-Genome-like
 image sizes (500-800 px per side by default), prepares the `phrasecut` TFDS dataset
-(array_record) and the pre-resized cache, then times full PC+ batches (query + support decode,
-crop search, resize, negatives, crop_blur_highlight352 support, templates). `--threads N` pins
-tf.data to a private pool of N threads with intra-op parallelism 1, so samples/s / N is the
-per-core figure. Timing starts after `--warmup` batches (tracing, autotune) and is taken with
-`tfds.benchmark`-style wall time over `--batches` batches. Also reported: samples per CPU-second
-of the process (time.process_time over all threads), which is the per-core throughput even when
-other jobs share the cores (wall-time figures then understate it).
+(array_record) and the pre-resized cache, then times full PC+ batches as the trainer receives
+them (`PCPlus.iterator()`: query + support decode, crop search, resize, negatives,
+crop_blur_highlight352 support, templates). `--threads N` pins tf.data to a private pool of N
+threads with intra-op parallelism 1 (N batches built in parallel), so samples/s / N is the
+per-core figure. Timing starts after `--warmup` batches and is taken over `--batches` batches,
+`--repeats` times (median reported, all kept in the JSON). Also reported: samples per
+CPU-second of the process (time.process_time over all threads), which is the per-core
+throughput even when other jobs share the cores (wall-time figures then understate it).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median reported)")
     p.add_argument("--modes", nargs="+", default=["jpeg", "cached"], choices=["jpeg", "cached"])
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
@@ -68,21 +70,28 @@ def main(argv: list[str] | None = None) -> dict:
             it = pipe.iterator()  # numpy batches, as the trainer consumes them
             for _ in range(a.warmup):
                 next(it)
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(a.batches):
-                next(it)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            reps = []
+            for _ in range(a.repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(a.batches):
+                    next(it)
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                reps.append((dt, dc))
+            it.close()
             n = a.batches * a.batch_size
-            sps = n / dt
+            sps = sorted(n / dt for dt, _ in reps)
+            spc = sorted(n / dc for _, dc in reps)
+            med = len(reps) // 2
             # samples per CPU-second of this process (all threads): the per-core figure that the
             # other users of a shared machine do not distort as much as wall time.
-            run = {"mode": mode, "threads": threads, "samples_per_s": round(sps, 1),
-                   "samples_per_s_per_core_wall": round(sps / threads, 1),
-                   "samples_per_cpu_s": round(n / dc, 1), "cpu_utilisation": round(dc / dt / threads, 2),
-                   "seconds": round(dt, 2)}
+            run = {"mode": mode, "threads": threads, "samples_per_s": round(sps[med], 1),
+                   "samples_per_s_per_core_wall": round(sps[med] / threads, 1),
+                   "samples_per_cpu_s": round(spc[med], 1),
+                   "samples_per_cpu_s_all": [round(x, 1) for x in spc],
+                   "cpu_utilisation": round(sum(dc for _, dc in reps) / sum(dt for dt, _ in reps) / threads, 2),
+                   "seconds": round(sum(dt for dt, _ in reps), 2)}
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
-            del it
     try:
         results["loadavg_after"] = os.getloadavg()
     except OSError:

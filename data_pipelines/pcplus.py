@@ -1,4 +1,4 @@
-"""PhraseCut+ (PC+) training pipeline in tf.data.
+"""PhraseCut+ (PC+) training pipeline: tf.data over batches built in numpy/OpenCV.
 
 Per sample (CLIPSeg `datasets/phrasecut.py`, see docs/data.md for every rule and deviation):
   1. random square crop of side min(H, W) keeping > `min_crop_fg` of the *image* area as
@@ -11,78 +11,72 @@ Per sample (CLIPSeg `datasets/phrasecut.py`, see docs/data.md for every rule and
   5. a `shuffle+` template applied to the phrase.
 
 Order, sharding and randomness are functions of (seed, epoch, position) only: the per-host
-stream position k maps to (epoch, slot) and the slot to a task through a stateless
-`index_shuffle` permutation of the whole split. Host p of P takes slots p, p+P, p+2P, ... so
-hosts never share a task within an epoch. Every random draw of a sample is seeded by
-(seed, epoch, task). Resuming is therefore `pipeline.iterator(start_step=n)`: the checkpoint
-state is the number of batches consumed.
+stream position k maps to (epoch, slot) and the slot to a task through a per-epoch permutation
+of the whole split (Philox keyed by (seed, epoch)). Host p of P takes slots p, p+P, p+2P, ... so
+hosts never share a task within an epoch. Every random draw of a sample is a counter-based hash
+of (seed, epoch, task, stream). A batch is therefore a pure function of its step:
+`pipeline.batch(step)`; resuming is `pipeline.iterator(start_step=n)`, and the checkpoint state
+is the number of batches consumed.
+
+Why numpy inside tf.data: one `tf.numpy_function` call builds a whole batch (planning vectorised
+over the batch, then decode / crop / resize / render per sample with OpenCV, which releases the
+GIL, so tf.data's parallel map runs batches on all cores). The previous per-sample TF graph
+spent more time in TF's per-op overhead (~100 small ops per sample) than in pixel work.
 """
 from __future__ import annotations
 
-import functools
-from typing import Iterator
+import atexit
+import threading
+import weakref
+from collections.abc import Iterator
 
+import cv2
 import numpy as np
 import tensorflow as tf
 
-from clipseg_jax import prompts as _prompts
 from clipseg_jax.prompts import (
     TEMPLATES_SHUFFLE_PLUS,
     VISUAL_PROMPT_MODES,
-    _PREPROCESS_MODES,
     render_visual_prompt_square_u8,
+    visual_prompt_read_region,
 )
+from data_pipelines.imageops import pick_square_crop, resize_bilinear_u8, resize_nearest
 from data_pipelines.sources import Source
 
-__all__ = ["PCPlus", "PCPlusIterator", "eval_dataset", "resize_image", "resize_mask"]
+__all__ = ["PCPlus", "PCPlusIterator", "eval_dataset"]
 
 
 # --------------------------------------------------------------------------------------------
-# Resizing (TF versions of clipseg_jax.prompts, tested equal to it)
+# Counter-based randomness: splitmix64 over (seed, epoch, task, stream, j)
 # --------------------------------------------------------------------------------------------
 
-def resize_image(image: tf.Tensor, h, w) -> tf.Tensor:
-    """uint8 (H, W, 3) -> uint8 (h, w, 3), bilinear with align_corners=True, rounded."""
-    x = tf.raw_ops.ResizeBilinear(images=image[None], size=tf.stack([h, w]),
-                                  align_corners=True, half_pixel_centers=False)[0]
-    # A convex combination of uint8 values stays within [0, 255] up to float error (< 0.5), so a
-    # plain cast of the rounded value equals saturate_cast without its clipping pass.
-    return tf.cast(tf.round(x), tf.uint8)
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+# Streams of per-sample draws.
+_CROP, _NEGATIVE, _NEG_PHRASE, _SUPPORT, _SUPPORT_CROP, _TEMPLATE = range(6)
 
 
-def resize_mask(mask: tf.Tensor, h, w) -> tf.Tensor:
-    """(H, W) -> (h, w) with torch's legacy nearest rule floor(dst * in / out)."""
-    return tf.raw_ops.ResizeNearestNeighbor(images=mask[None, :, :, None], size=tf.stack([h, w]),
-                                            align_corners=False, half_pixel_centers=False)[0, :, :, 0]
+def _mix(z: np.ndarray) -> np.ndarray:
+    z = (z + _GAMMA).astype(np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
 
 
-# --------------------------------------------------------------------------------------------
-# Crop search
-# --------------------------------------------------------------------------------------------
+def _uniform(*keys) -> np.ndarray:
+    """Uniform [0, 1) float64 array, a deterministic hash of the broadcast integer `keys`."""
+    with np.errstate(over="ignore"):
+        h = np.zeros((), np.uint64)
+        for k in keys:
+            h = _mix(h ^ np.asarray(k).astype(np.uint64))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
-def find_square_crop(mask: tf.Tensor, seed: tf.Tensor, iterations: int = 50, min_frac: float = 0.05):
-    """(offset_y, offset_x, side) of a random min(H, W) square window, as the original `find_crop`.
 
-    Draws `iterations` random offsets along the long axis; returns the first whose foreground
-    count exceeds `min_frac` * H * W (the *full* image area, as in the original), else the first
-    with the most foreground.
-    """
-    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
-    side = tf.minimum(h, w)
-    tall = h > w
-    # Profile along the long axis; no tf.cond (branches cost ms in tf.data on CPU).
-    m32 = tf.cast(mask, tf.int32)
-    rows, cols = tf.reduce_sum(m32, axis=1), tf.reduce_sum(m32, axis=0)
-    length = tf.maximum(h, w)
-    line = tf.where(tall, tf.pad(rows, [[0, length - h]]), tf.pad(cols, [[0, length - w]]))
-    cs = tf.concat([[0], tf.cumsum(line)], axis=0)
-    offs = tf.random.stateless_uniform([iterations], seed=seed, minval=0, maxval=length - side + 1, dtype=tf.int32)
-    sums = tf.gather(cs, offs + side) - tf.gather(cs, offs)
-    ok = tf.cast(sums, tf.float64) > min_frac * tf.cast(h * w, tf.float64)
-    pick = tf.where(tf.reduce_any(ok), tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32),
-                    tf.argmax(sums, output_type=tf.int32))
-    off = offs[pick]
-    return tf.where(tall, off, 0), tf.where(tall, 0, off), side
+def _below(u: np.ndarray, n) -> np.ndarray:
+    """Uniform integers in [0, n) from uniforms u (n >= 1)."""
+    return np.minimum((u * n).astype(np.int64), np.asarray(n, np.int64) - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +107,7 @@ class PCPlus:
         original may pick the query as its own support (1/n of the time for a phrase with n tasks).
       min_crop_fg, crop_iterations: `find_crop` parameters (0.05 of the image area, 50 tries).
       process_index, process_count: host shard (defaults: jax.process_index()/process_count()).
-      num_parallel_calls: tf.data map parallelism (AUTOTUNE).
+      num_parallel_calls: batches built in parallel by tf.data (AUTOTUNE by default).
       threads: size of a private tf.data thread pool (None: TF's global pool).
       prefetch: batches to prefetch (AUTOTUNE when None).
     """
@@ -145,6 +139,8 @@ class PCPlus:
             raise ValueError(f"negative_prob must be in [0, 1]; got {negative_prob}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if crop_iterations < 1:
+            raise ValueError(f"crop_iterations must be >= 1; got {crop_iterations}")
         for t in templates:
             if t.count("{}") != 1:
                 raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
@@ -157,11 +153,10 @@ class PCPlus:
         n = len(source)
         if n // process_count < 1:
             raise ValueError(f"{n} tasks cannot be sharded over {process_count} hosts")
-        if visual_prompt_mode in _PREPROCESS_MODES and _prompts._cv2 is not None:
-            # tf.data's map supplies the parallelism; OpenCV's own pool (one thread per core by
-            # default) would oversubscribe it: ~20 % more CPU per sample measured on 2 cores.
-            # Process-wide setting (nothing else in this project uses OpenCV).
-            _prompts._cv2.setNumThreads(1)
+        # tf.data's parallel map supplies the parallelism; OpenCV's own pool (a thread per core by
+        # default) would oversubscribe it (~20 % more CPU per sample measured on 2 cores).
+        # Process-wide setting (nothing else in this project uses OpenCV threads).
+        cv2.setNumThreads(1)
         self.source = source
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -184,19 +179,19 @@ class PCPlus:
         # Host-side index: phrase ids and tasks grouped by phrase (CSR).
         uniq, phrase_id = np.unique(np.asarray(source.phrases, dtype=object).astype(str), return_inverse=True)
         self.unique_phrases = uniq
+        self._phrase_bytes = np.array([p.encode() for p in uniq], dtype=object)
         order = np.argsort(phrase_id, kind="stable")
         counts = np.bincount(phrase_id, minlength=len(uniq))
         offsets = np.concatenate([[0], np.cumsum(counts)])
         rank = np.empty(n, np.int64)
         rank[order] = np.arange(n) - offsets[phrase_id[order]]
-        self._phrase_id = tf.constant(phrase_id.astype(np.int64))
-        self._phrases = tf.constant(uniq.astype(object).astype(bytes))
-        self._members = tf.constant(order.astype(np.int64))
-        self._offsets = tf.constant(offsets.astype(np.int64))
-        self._rank = tf.constant(rank)
-        pre, suf = zip(*(t.split("{}") for t in self.templates))
-        self._prefix = tf.constant(list(pre))
-        self._suffix = tf.constant(list(suf))
+        self._phrase_id = phrase_id.astype(np.int64)
+        self._members = order.astype(np.int64)
+        self._offsets = offsets.astype(np.int64)
+        self._rank = rank
+        self._affixes = [tuple(x.encode() for x in t.split("{}")) for t in self.templates]
+        self._perms: dict[int, np.ndarray] = {}
+        self._perm_lock = threading.Lock()
 
     # ---- index arithmetic -------------------------------------------------------------------
     @property
@@ -204,119 +199,159 @@ class PCPlus:
         """Batches per epoch on this host (batches may straddle epochs)."""
         return self.samples_per_epoch / self.batch_size
 
-    def _task_of(self, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _permutation(self, epoch: int) -> np.ndarray:
+        with self._perm_lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                key = np.array([self.seed, epoch], np.uint64)
+                perm = np.random.Generator(np.random.Philox(key=key)).permutation(self.num_tasks)
+                if len(self._perms) >= 4:  # parallel batches straddle at most a couple of epochs
+                    self._perms.pop(min(self._perms))
+                self._perms[epoch] = perm
+            return perm
+
+    def _tasks(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch, task) of stream positions k."""
         epoch = k // self.samples_per_epoch
         slot = (k % self.samples_per_epoch) * self.process_count + self.process_index
-        if self.num_tasks == 1:
-            return epoch, tf.zeros_like(slot)
-        seed = tf.stack([tf.constant(self.seed, tf.int64), epoch])
-        task = tf.random.experimental.index_shuffle(slot, seed=seed, max_index=self.num_tasks - 1)
-        return epoch, tf.cast(task, tf.int64)
+        task = np.empty_like(k)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            task[sel] = self._permutation(int(e))[slot[sel]]
+        return epoch, task
 
-    def _load_square(self, task: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        s = self.image_size
-        fetch_square = getattr(self.source, "load_square_window", None)
-        if fetch_square is not None and self.source.pre_resized == s:
-            # Cache at the output size: the same random offsets as find_square_crop (drawn from the
-            # image shape in the index), the crop choice and the window copy in one numpy call.
-            hw = self.source.image_shape(task)
-            side, length = tf.reduce_min(hw), tf.reduce_max(hw)
-            offs = tf.random.stateless_uniform([self.crop_iterations], seed=seed, minval=0, maxval=length - side + 1,
-                                               dtype=tf.int32)
-            image, mask = fetch_square(task, offs, self.min_crop_fg)
-            image.set_shape([s, s, 3])
-            mask.set_shape([s, s])
-            return image, mask
-        data, mask = self.source.load_encoded(task)
-        oy, ox, side = find_square_crop(mask, seed, self.crop_iterations, self.min_crop_fg)
-        image = self.source.decode_image(data, tf.shape(mask), tf.stack([oy, ox, side, side]))
-        mask = mask[oy:oy + side, ox:ox + side]
-        if self.source.pre_resized != s:  # the cache's short side is already s: nothing to resize
-            image, mask = resize_image(image, s, s), resize_mask(mask, s, s)
-        image.set_shape([s, s, 3])
-        mask.set_shape([s, s])
-        return image, mask
-
-    def _render(self, image: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-        """Visual prompt of a square support (non-empty mask).
-
-        Every mode runs in numpy/OpenCV (`render_visual_prompt_square_u8`: ~1.5 ms for a 352²
-        support against 9-14 ms for the same TF ops, whose CPU kernels are unfused; the cheap
-        elementwise modes go through `render_visual_prompt` itself).
-        """
-        out = tf.numpy_function(functools.partial(render_visual_prompt_square_u8, mode=self.mode), [image, mask],
-                                tf.uint8, stateful=False)
-        out.set_shape([self.image_size, self.image_size, 3])
-        return out
-
-    def _sample(self, k: tf.Tensor) -> dict[str, tf.Tensor]:
-        s = self.image_size
-        epoch, task = self._task_of(k)
-        base = tf.constant([self.seed, 0x5C1D], tf.int64)
-        base = tf.random.experimental.stateless_fold_in(base, epoch)
-        base = tf.random.experimental.stateless_fold_in(base, task)
-        seeds = tf.random.experimental.stateless_split(base, num=6)
-        image, mask = self._load_square(task, seeds[0])
-
-        pid = tf.gather(self._phrase_id, task)
-        n_phrases = int(self._phrases.shape[0])
-        negative = tf.random.stateless_uniform([], seeds[1]) < self.negative_prob
+    def plan(self, step: int) -> dict[str, np.ndarray]:
+        """Every random decision of batch `step` (no pixels): tasks, negatives, phrases, supports."""
+        b = self.batch_size
+        k = int(step) * b + np.arange(b, dtype=np.int64)
+        epoch, task = self._tasks(k)
+        key = (self.seed, epoch, task)
+        pid = self._phrase_id[task]
+        n_phrases = len(self.unique_phrases)
+        negative = _uniform(*key, _NEGATIVE) < self.negative_prob
         if n_phrases < 2:
-            negative = tf.constant(False)
-        r = tf.random.stateless_uniform([], seeds[2], minval=0, maxval=max(n_phrases - 1, 1), dtype=tf.int64)
-        neg_pid = r + tf.cast(r >= pid, tf.int64)  # uniform over the other phrases
-        pid = tf.where(negative, neg_pid, pid)
-        mask = mask * (1 - tf.cast(negative, tf.uint8))  # (tf.where on images is slow on CPU)
-        phrase = tf.gather(self._phrases, pid)
+            negative[:] = False
+        r = _below(_uniform(*key, _NEG_PHRASE), max(n_phrases - 1, 1))
+        pid = np.where(negative, r + (r >= pid), pid)  # uniform over the other phrases
 
         # Support: another task with this phrase.
-        start, count = tf.gather(self._offsets, pid), tf.gather(self._offsets, pid + 1) - tf.gather(self._offsets, pid)
+        start = self._offsets[pid]
+        count = self._offsets[pid + 1] - start
+        u = _uniform(*key, _SUPPORT)
         if self.support_excludes_query:
-            excl = tf.logical_not(negative)  # a negative phrase's tasks never contain the query
-            n_cand = count - tf.cast(excl, tf.int64)
-            r = tf.random.stateless_uniform([], seeds[3], minval=0, maxval=tf.int64.max, dtype=tf.int64) % tf.maximum(n_cand, 1)
-            r = tf.where(excl, r + tf.cast(r >= tf.gather(self._rank, task), tf.int64), r)
+            excl = ~negative  # a negative phrase's tasks never contain the query
+            n_cand = count - excl
+            r = _below(u, np.maximum(n_cand, 1))
+            r = np.where(excl, r + (r >= self._rank[task]), r)
             has_support = n_cand >= 1
         else:  # original: any task with the phrase, only if the phrase is not unique
-            r = tf.random.stateless_uniform([], seeds[3], minval=0, maxval=tf.int64.max, dtype=tf.int64) % tf.maximum(count, 1)
+            r = _below(u, np.maximum(count, 1))
             has_support = count > 1
-        support_task = tf.gather(self._members, start + tf.minimum(r, tf.maximum(count - 1, 0)))
+        support_task = self._members[start + np.minimum(r, np.maximum(count - 1, 0))]
+        template = _below(_uniform(*key, _TEMPLATE), len(self.templates))
+        # find_crop's candidate offsets, as uniforms (scaled by each image's free length later).
+        # The support's are keyed by the *query* task, so a task drawn twice as a support in one
+        # epoch gets independent crops.
+        j = np.arange(self.crop_iterations)
+        crop_u = _uniform(self.seed, epoch[:, None], task[:, None], _CROP, j)
+        support_crop_u = _uniform(self.seed, epoch[:, None], task[:, None], _SUPPORT_CROP, j)
+        return {"epoch": epoch, "task": task, "phrase_id": pid, "negative": negative,
+                "has_support": has_support, "support_task": support_task, "template": template,
+                "crop_u": crop_u, "support_crop_u": support_crop_u}
 
-        def render_support():
-            s_img, s_mask = self._load_square(support_task, seeds[4])
-            nonempty = tf.reduce_any(s_mask > 0)
-            empty_u8 = 1 - tf.cast(nonempty, tf.uint8)
-            # An object can vanish in the crop/resize; render a full mask then and mark invalid.
-            rendered = self._render(s_img, tf.maximum(s_mask, empty_u8))
-            return rendered * (1 - empty_u8), nonempty
+    # ---- pixels ---------------------------------------------------------------------------------
+    def _window(self, task: int, u: np.ndarray):
+        """The `find_crop` square window of a task: (image view, mask view), side min(H, W)."""
+        image, mask = self.source.read(task)
+        h, w = mask.shape
+        side, length = min(h, w), max(h, w)
+        oy, ox, side = pick_square_crop(mask, _below(u, length - side + 1), self.min_crop_fg)
+        return image[oy:oy + side, ox:ox + side], mask[oy:oy + side, ox:ox + side]
 
-        # Skip decode + render entirely when there is no support (unique phrases are common).
-        support_image, support_valid = tf.cond(
-            has_support, render_support, lambda: (tf.zeros([s, s, 3], tf.uint8), tf.constant(False)))
-        support_image.set_shape([s, s, 3])
+    def _query(self, task: int, u: np.ndarray, out_image: np.ndarray, out_mask: np.ndarray) -> None:
+        s = self.image_size
+        win, mwin = self._window(task, u)
+        if win.shape[0] == s:  # cache at the output size: a copy
+            out_image[...] = win
+            out_mask[...] = mwin
+        else:
+            resize_bilinear_u8(win, s, s, out=out_image)
+            out_mask[...] = resize_nearest(mwin, (s, s))
 
-        t = tf.random.stateless_uniform([], seeds[5], minval=0, maxval=len(self.templates), dtype=tf.int32)
-        prompt = tf.strings.join([tf.gather(self._prefix, t), phrase, tf.gather(self._suffix, t)])
+    def _support(self, task: int, u: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> bool:
+        """Render the support visual prompt of `task` into `out`; False if its object left the crop."""
+        s = self.image_size
+        win, mwin = self._window(task, u)
+        if win.shape[0] == s:
+            image, mask = win, np.ascontiguousarray(mwin)
+        else:
+            mask = resize_nearest(mwin, (s, s))
+            if not mask.any():
+                return False
+            # Resize only the pixels the renderer reads (crop box + blur margin): the other
+            # values of `scratch` are never used.
+            y0, y1, x0, x1 = visual_prompt_read_region(mask, self.mode)
+            side = win.shape[0]
+            sc = (side - 1) / (s - 1)
+            region = resize_bilinear_u8(win, y1 - y0, x1 - x0, out=None, origin=(y0 * sc, x0 * sc), scale=(sc, sc))
+            scratch[y0:y1, x0:x1] = region
+            image = scratch
+        if not mask.any():  # an object can vanish in the crop/resize: then no support
+            return False
+        render_visual_prompt_square_u8(image, mask, self.mode, out=out)
+        return True
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Batch `step` of this host's stream as a dict of numpy arrays (a pure function of step)."""
+        p = self.plan(step)
+        b, s = self.batch_size, self.image_size
+        image = np.empty((b, s, s, 3), np.uint8)
+        mask = np.empty((b, s, s), np.uint8)
+        support = np.zeros((b, s, s, 3), np.uint8)
+        support_valid = np.zeros(b, bool)
+        scratch = np.empty((s, s, 3), np.uint8)
+        for i in range(b):
+            self._query(int(p["task"][i]), p["crop_u"][i], image[i], mask[i])
+            if p["negative"][i]:
+                mask[i] = 0
+            if p["has_support"][i]:
+                support_valid[i] = self._support(int(p["support_task"][i]), p["support_crop_u"][i], support[i], scratch)
+        phrase = self._phrase_bytes[p["phrase_id"]]
+        prompt = np.array([self._affixes[t][0] + ph + self._affixes[t][1] for t, ph in zip(p["template"], phrase)],
+                          dtype=object)
         return {
             "image": image,
             "mask": mask,
             "prompt": prompt,
             "phrase": phrase,
-            "negative": negative,
-            "support_image": support_image,
+            "negative": p["negative"],
+            "support_image": support,
             "support_valid": support_valid,
-            "task_index": task,
-            "support_index": tf.where(support_valid, support_task, tf.constant(-1, tf.int64)),
+            "task_index": p["task"],
+            "support_index": np.where(support_valid, p["support_task"], -1),
         }
 
     # ---- datasets -----------------------------------------------------------------------------
     def dataset(self, start_step: int = 0, num_steps: int | None = None) -> tf.data.Dataset:
-        """Batched, infinite (or `num_steps` long) dataset starting at batch `start_step`."""
-        start = int(start_step) * self.batch_size
-        stop = np.iinfo(np.int64).max if num_steps is None else start + int(num_steps) * self.batch_size
+        """Batched, infinite (or `num_steps` long) tf.data.Dataset starting at batch `start_step`."""
+        start = int(start_step)
+        stop = np.iinfo(np.int64).max if num_steps is None else start + int(num_steps)
+        b, s = self.batch_size, self.image_size
+        dtypes = (tf.uint8, tf.uint8, tf.string, tf.string, tf.bool, tf.uint8, tf.bool, tf.int64, tf.int64)
+        shapes = ([b, s, s, 3], [b, s, s], [b], [b], [b], [b, s, s, 3], [b], [b], [b])
+
+        def make(step):
+            batch = self.batch(int(step))
+            return [batch[k] for k in self.OUTPUT_KEYS]
+
+        def fn(step):
+            outs = tf.numpy_function(make, [step], dtypes, stateful=False)
+            for t, shape in zip(outs, shapes):
+                t.set_shape(shape)
+            return dict(zip(self.OUTPUT_KEYS, outs))
+
         ds = tf.data.Dataset.range(start, stop)
-        ds = ds.map(self._sample, num_parallel_calls=self.num_parallel_calls, deterministic=True)
-        ds = ds.batch(self.batch_size, drop_remainder=True)
+        ds = ds.map(fn, num_parallel_calls=self.num_parallel_calls, deterministic=True)
         ds = ds.prefetch(self.prefetch if self.prefetch is not None else tf.data.AUTOTUNE)
         opts = tf.data.Options()
         opts.deterministic = True
@@ -325,12 +360,23 @@ class PCPlus:
             opts.threading.max_intra_op_parallelism = 1
         return ds.with_options(opts)
 
-    def iterator(self, start_step: int = 0, num_steps: int | None = None) -> "PCPlusIterator":
+    def iterator(self, start_step: int = 0, num_steps: int | None = None) -> PCPlusIterator:
         """Numpy batches from `start_step`; `state()` of the iterator is its checkpoint."""
         return PCPlusIterator(self, start_step, num_steps)
 
-    def __iter__(self) -> "PCPlusIterator":
+    def __iter__(self) -> PCPlusIterator:
         return self.iterator()
+
+
+_LIVE_ITERATORS: weakref.WeakSet[PCPlusIterator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    # A tf.data iterator still running `numpy_function`s when the interpreter finalises aborts
+    # the process ("terminate called without an active exception"): close them first.
+    for it in list(_LIVE_ITERATORS):
+        it.close()
 
 
 class PCPlusIterator:
@@ -340,11 +386,18 @@ class PCPlusIterator:
         self.pipeline = pipeline
         self.step = int(start_step)
         self._it = pipeline.dataset(start_step, num_steps).as_numpy_iterator()
+        _LIVE_ITERATORS.add(self)
+
+    def close(self) -> None:
+        """Stop the background work (also done at interpreter exit)."""
+        self._it = None
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            raise StopIteration
         batch = next(self._it)
         self.step += 1
         return batch
@@ -354,7 +407,7 @@ class PCPlusIterator:
                 "process_index": self.pipeline.process_index, "process_count": self.pipeline.process_count}
 
     @classmethod
-    def restore(cls, pipeline: PCPlus, state: dict[str, int]) -> "PCPlusIterator":
+    def restore(cls, pipeline: PCPlus, state: dict[str, int]) -> PCPlusIterator:
         for key in ("seed", "batch_size", "process_index", "process_count"):
             if key in state and state[key] != getattr(pipeline, key):
                 raise ValueError(f"checkpoint {key}={state[key]} does not match the pipeline's {getattr(pipeline, key)}")
@@ -371,13 +424,20 @@ def eval_dataset(source: Source, batch_size: int = 32, image_size: int = 352,
         pi, pc = _process_info()
         process_index = pi if process_index is None else process_index
         process_count = pc if process_count is None else process_count
-    phrases = tf.constant(np.asarray(source.phrases, dtype=object).astype(bytes))
+    cv2.setNumThreads(1)
+    phrases = np.array([p.encode() for p in source.phrases], dtype=object)
+    s = image_size
 
     def load(i):
-        image, mask = source.load(i)
-        return {"image": resize_image(image, image_size, image_size),
-                "mask": resize_mask(mask, image_size, image_size),
-                "phrase": tf.gather(phrases, i), "task_index": i}
+        image, mask = source.read(int(i))
+        return resize_bilinear_u8(image, s, s), resize_nearest(mask, (s, s)), phrases[int(i)]
+
+    def fn(i):
+        image, mask, phrase = tf.numpy_function(load, [i], (tf.uint8, tf.uint8, tf.string), stateful=False)
+        image.set_shape([s, s, 3])
+        mask.set_shape([s, s])
+        phrase.set_shape([])
+        return {"image": image, "mask": mask, "phrase": phrase, "task_index": i}
 
     ds = tf.data.Dataset.range(process_index, len(source), process_count)
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size).prefetch(2)
+    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size).prefetch(2)

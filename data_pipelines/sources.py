@@ -1,13 +1,16 @@
-"""Random-access task sources for the PC+ pipeline.
+"""Random-access task sources for the PC+ pipeline (numpy).
 
 A source is a list of tasks (image, mask, phrase) with
-  * `phrases`: the phrase of every task (host-side, no image read), and
-  * `load(index)`: a TF-graph function returning (image uint8 (H, W, 3), mask uint8 (H, W) {0,1}).
+  * `phrases`: the phrase of every task (host-side, no image read),
+  * `image_keys`: the identity of each task's image (tasks sharing an image share a key), and
+  * `read(index)`: (image uint8 (H, W, 3), mask uint8 (H, W) {0,1}) of one task, decoded;
+    `read_mask(index)` only the mask.
 PC+ needs random access because a task's visual support is another task with the same phrase.
 
 Sources: `TfdsSource` (the prepared `phrasecut` TFDS dataset, array_record), `OwnDataSource`
-(a folder with images, PNG masks and `annotations.jsonl`) and `CachedSource` (records of images
-pre-resized to the training resolution; built with `build_cache`).
+(a folder with images, PNG masks and `annotations.jsonl`) and `CachedSource` (images
+pre-resized to the training resolution, raw uint8 in one memory-mapped file; built with
+`build_cache`).
 """
 from __future__ import annotations
 
@@ -17,23 +20,26 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
+
+from data_pipelines.imageops import (
+    decode_image,
+    decode_mask,
+    resize_bilinear_u8,
+    resize_nearest,
+    short_side_shape,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Source:
-    """Base class: subclasses set `phrases`, `image_keys` and implement `load_encoded`.
-
-    `load_encoded(index)` returns (image data, mask uint8 (H, W) {0,1}) where the image data is
-    still encoded; `decode_image(data, mask_shape, window)` decodes only the crop window (JPEG:
-    `decode_and_crop_jpeg`), so the PC+ crop search runs on the mask before the image is decoded.
-    """
+    """Base class: subclasses set `phrases` and `image_keys` and implement `read`."""
 
     phrases: list[str]
     image_keys: list[str]  # identity of each task's image (tasks sharing an image share a key)
@@ -42,33 +48,17 @@ class Source:
     def __len__(self) -> int:
         return len(self.phrases)
 
-    def load_encoded(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 (H, W, 3), mask uint8 (H, W) {0,1}); the image may be a read-only view."""
         raise NotImplementedError
 
-    def decode_image(self, data: tf.Tensor, mask_shape: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
-        """uint8 (h, w, 3) image, cropped to window = [y, x, h, w] when given (any format)."""
-        img = tf.io.decode_image(data, channels=3, expand_animations=False)
-        if window is not None:
-            img = img[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
-        img.set_shape([None, None, 3])
-        return img
-
-
-    def load(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Whole image and mask (eval view, cache building)."""
-        data, mask = self.load_encoded(index)
-        return self.decode_image(data, tf.shape(mask)), mask
-
-
-def _decode_mask(mask_bytes: tf.Tensor) -> tf.Tensor:
-    mask = tf.io.decode_png(mask_bytes, channels=1)[:, :, 0]
-    mask = tf.cast(mask > 0, tf.uint8)
-    mask.set_shape([None, None])
-    return mask
+    def read_mask(self, index: int) -> np.ndarray:
+        """The mask of task `index` alone (sources that can skip the image decode override it)."""
+        return self.read(index)[1]
 
 
 class _RecordReader:
-    """Thread-safe-enough random access to array_record files (one reader per file)."""
+    """Random access to array_record files (the C++ reader is thread-safe)."""
 
     def __init__(self, paths: Sequence[str]):
         from array_record.python.array_record_data_source import ArrayRecordDataSource
@@ -80,23 +70,6 @@ class _RecordReader:
 
     def __getitem__(self, i: int) -> bytes:
         return self._source[int(i)]
-
-
-def _decode_jpeg_window(data: tf.Tensor, shape: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
-    """Crop window of a JPEG, pixel-identical to decoding the whole image and slicing.
-
-    `decode_and_crop_jpeg` on an arbitrary window differs from the full decode by up to ~40
-    levels at chroma-subsampled edges (libjpeg crops at iMCU boundaries and upsamples chroma
-    with edge replication). Decoding a window widened to 16-px boundaries plus one 16-px block
-    on each side and slicing afterwards is exact (checked on 564 horizontal crops).
-    """
-    y0, x0, h, w = window[0], window[1], window[2], window[3]
-    H, W = shape[0], shape[1]
-    ay0, ax0 = tf.maximum(0, (y0 // 16) * 16 - 16), tf.maximum(0, (x0 // 16) * 16 - 16)
-    ay1 = tf.minimum(H, -((-(y0 + h)) // 16) * 16 + 16)
-    ax1 = tf.minimum(W, -((-(x0 + w)) // 16) * 16 + 16)
-    img = tf.io.decode_and_crop_jpeg(data, tf.stack([ay0, ax0, ay1 - ay0, ax1 - ax0]), channels=3)
-    return img[y0 - ay0:y0 - ay0 + h, x0 - ax0:x0 - ax0 + w]
 
 
 class TfdsSource(Source):
@@ -120,31 +93,29 @@ class TfdsSource(Source):
             raise ValueError(f"{name} split {split!r} was not prepared as array_record ({paths[:1]}); "
                              "rebuild with file_format='array_record' for random access")
         self._reader = _RecordReader(paths)
+        self.name, self.split = name, split
         self.phrases = list(meta["phrase"])
         self.task_ids = list(meta["task_id"])
         self.image_keys = [str(i) for i in meta["image_id"]]
         if len(self._reader) != len(self.phrases):
             raise ValueError(f"{name}/{split}: {len(self._reader)} records but {len(self.phrases)} index entries")
-        self._spec = {"image": tf.io.FixedLenFeature([], tf.string), "mask": tf.io.FixedLenFeature([], tf.string)}
 
-    def _fetch(self, i: np.ndarray) -> bytes:
-        return self._reader[int(i)]
+    def _features(self, index: int):
+        # A TFDS record is a serialized tf.train.Example; protobuf parses it in ~30 µs.
+        from tensorflow.core.example import example_pb2
 
-    def decode_image(self, data: tf.Tensor, mask_shape: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
-        # The builder stores JPEG only: decode just (about) the crop window.
-        if window is None:
-            img = tf.io.decode_jpeg(data, channels=3)
-        else:
-            img = _decode_jpeg_window(data, mask_shape, window)
-        img.set_shape([None, None, 3])
-        return img
+        return example_pb2.Example.FromString(self._reader[index]).features.feature
 
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        f = self._features(index)
+        where = f"{self.name}/{self.split} task {self.task_ids[index]}"
+        image = decode_image(f["image"].bytes_list.value[0], f"{where} image")
+        mask = decode_mask(f["mask"].bytes_list.value[0], f"{where} mask")
+        return image, mask
 
-    def load_encoded(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        raw = tf.numpy_function(self._fetch, [index], tf.string, stateful=False)
-        raw.set_shape([])
-        ex = tf.io.parse_single_example(raw, self._spec)
-        return ex["image"], _decode_mask(ex["mask"])
+    def read_mask(self, index: int) -> np.ndarray:
+        f = self._features(index)
+        return decode_mask(f["mask"].bytes_list.value[0], f"{self.name}/{self.split} task {self.task_ids[index]} mask")
 
 
 class OwnDataSource(Source):
@@ -209,8 +180,8 @@ class OwnDataSource(Source):
             raise ValueError(f"{ann}: no usable annotations")
         self.phrases = phrases
         self.image_keys = images
-        self._images = tf.constant(images)
-        self._masks = tf.constant(masks)
+        self._images = images
+        self._masks = masks
 
     @staticmethod
     def _check(path: Path, mode: str, cache: dict, is_mask: bool):
@@ -231,125 +202,88 @@ class OwnDataSource(Source):
         cache[key] = res
         return res
 
-    def load_encoded(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return tf.io.read_file(tf.gather(self._images, index)), _decode_mask(tf.io.read_file(tf.gather(self._masks, index)))
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image = decode_image(np.fromfile(self._images[index], np.uint8), self._images[index])
+        mask = self.read_mask(index)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"{self._masks[index]}: mask is {mask.shape[0]}x{mask.shape[1]} but image "
+                             f"{self._images[index]} is {image.shape[0]}x{image.shape[1]}")
+        return image, mask
+
+    def read_mask(self, index: int) -> np.ndarray:
+        return decode_mask(np.fromfile(self._masks[index], np.uint8), self._masks[index])
+
+
+CACHE_FORMAT = 2
 
 
 class CachedSource(Source):
-    """Images pre-resized so that the short side equals `size`, raw uint8 in array_record.
+    """Images pre-resized so that the short side equals `size` (`build_cache`), memory-mapped.
 
-    Tasks sharing an image share one image record; masks are bit-packed per task.
+    `images.u8` holds every image once (raw uint8, (h, w, 3) each, back to back); `masks.bits`
+    every task's mask bit-packed (`np.packbits`, padded to a byte); `index.json` the phrases,
+    each task's image record and each record's shape. Reading a task is a view into the page
+    cache plus one unpack of its mask: no decode, no copy of the image.
     """
 
     def __init__(self, cache_dir: str | os.PathLike):
         cache_dir = Path(cache_dir)
-        with open(cache_dir / "index.json") as f:
+        index_path = cache_dir / "index.json"
+        if not index_path.exists():
+            raise FileNotFoundError(f"{index_path} not found: not a cache written by data_pipelines.sources.build_cache")
+        with open(index_path) as f:
             index = json.load(f)
+        if index.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{index_path}: cache format {index.get('format', 1)}, expected {CACHE_FORMAT}; "
+                             f"rebuild it with data_pipelines.sources.build_cache")
         self.phrases = index["phrases"]
         self.image_keys = [str(i) for i in index["image_record"]]
         self.pre_resized = int(index["size"])
-        self._image_record = np.asarray(index["image_record"], np.int64)
-        self._shapes_np = np.asarray(index["image_shapes"], np.int32)  # per image record (h, w)
-        self._shapes = tf.constant(self._shapes_np)
-        self._image_record_tf = tf.constant(self._image_record)
-        self._images = _RecordReader([cache_dir / "images.array_record"])
-        self._masks = _RecordReader([cache_dir / "masks.array_record"])
+        self._record = np.asarray(index["image_record"], np.int64)
+        self._shapes = np.asarray(index["image_shapes"], np.int64).reshape(-1, 2)  # per image record (h, w)
+        pixels = self._shapes[:, 0] * self._shapes[:, 1]
+        self._image_off = np.concatenate([[0], np.cumsum(pixels * 3)])
+        mask_bytes = (pixels[self._record] + 7) // 8
+        self._mask_off = np.concatenate([[0], np.cumsum(mask_bytes)])
+        self._images = self._map(cache_dir / "images.u8", int(self._image_off[-1]))
+        self._masks = self._map(cache_dir / "masks.bits", int(self._mask_off[-1]))
 
-    def _fetch(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        i = int(i)
-        rec = int(self._image_record[i])
-        h, w = self._shapes_np[rec]
-        image = np.frombuffer(self._images[rec], np.uint8)
-        mask = np.unpackbits(np.frombuffer(self._masks[i], np.uint8), count=int(h) * int(w))
-        return image, mask
+    @staticmethod
+    def _map(path: Path, size: int) -> np.ndarray:
+        if not path.exists() or path.stat().st_size != size:
+            got = path.stat().st_size if path.exists() else "missing"
+            raise ValueError(f"{path}: expected {size} bytes (from index.json), found {got}; rebuild the cache")
+        if size == 0:
+            return np.zeros(0, np.uint8)
+        return np.memmap(path, np.uint8, mode="r", shape=(size,))
 
-    def load_encoded(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # Unpacking in numpy (one C call) is cheaper than the equivalent chain of TF ops.
-        image, mask = tf.numpy_function(self._fetch, [index], (tf.uint8, tf.uint8), stateful=False)
-        hw = tf.gather(self._shapes, tf.gather(self._image_record_tf, index))
-        return image, tf.reshape(mask, hw)
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(h, w) of a task's cached image, from the index (no read)."""
+        h, w = self._shapes[self._record[index]]
+        return int(h), int(w)
 
-    def image_shape(self, index: tf.Tensor) -> tf.Tensor:
-        """(h, w) int32 of a task's cached image, from the index (no read)."""
-        return tf.gather(self._shapes, tf.gather(self._image_record_tf, index))
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rec = int(self._record[index])
+        h, w = (int(v) for v in self._shapes[rec])
+        image = self._images[self._image_off[rec]:self._image_off[rec + 1]].reshape(h, w, 3)
+        return image, self.read_mask(index)
 
-    def _fetch_square(self, i: np.ndarray, offsets: np.ndarray, min_frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        i = int(i)
-        rec = int(self._image_record[i])
-        h, w = (int(v) for v in self._shapes_np[rec])
-        mask = np.unpackbits(np.frombuffer(self._masks[i], np.uint8), count=h * w).reshape(h, w)
-        oy, ox, side = pick_square_crop_np(mask, offsets, float(min_frac))
-        image = np.frombuffer(self._images[rec], np.uint8).reshape(h, w, 3)
-        return (np.ascontiguousarray(image[oy:oy + side, ox:ox + side]),
-                np.ascontiguousarray(mask[oy:oy + side, ox:ox + side]))
-
-    def load_square_window(self, index: tf.Tensor, offsets: tf.Tensor, min_frac: float) -> tuple[tf.Tensor, tf.Tensor]:
-        """(image, mask) of the square crop that `pcplus.find_square_crop` picks from `offsets`.
-
-        One numpy call reads the record, unpacks the mask, runs the crop choice
-        (`pick_square_crop_np`, same rule) and copies only the window into the graph.
-        """
-        image, mask = tf.numpy_function(self._fetch_square, [index, offsets, tf.constant(min_frac, tf.float64)],
-                                        (tf.uint8, tf.uint8), stateful=False)
-        image.set_shape([None, None, 3])
-        mask.set_shape([None, None])
-        return image, mask
-
-    def decode_image(self, data: tf.Tensor, mask_shape: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
-        image = tf.reshape(data, tf.concat([mask_shape, [3]], 0))
-        if window is not None:
-            image = image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
-        return image
+    def read_mask(self, index: int) -> np.ndarray:
+        h, w = self.image_shape(index)
+        packed = self._masks[self._mask_off[index]:self._mask_off[index + 1]]
+        return np.unpackbits(packed, count=h * w).reshape(h, w)
 
 
-def pick_square_crop_np(mask: np.ndarray, offsets: np.ndarray, min_frac: float) -> tuple[int, int, int]:
-    """numpy twin of `pcplus.find_square_crop` given its random offsets along the long axis.
+def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, threads: int | None = None) -> Path:
+    """Pre-resize every image of `source` (short side -> `size`) into a `CachedSource` folder.
 
-    First offset whose min(H, W) window holds more than `min_frac` * H * W foreground pixels,
-    else the first with the most foreground. Returns (offset_y, offset_x, side).
+    Images: bilinear with align_corners=True (`imageops.resize_bilinear_u8`, the pipeline's own
+    resize), stored once per image (tasks sharing an image share it); masks: nearest
+    (`resize_nearest`), bit-packed per task. At train time the PC+ random square crop is then
+    taken at `size` directly, without a resize: this approximates crop-then-resize (sub-pixel
+    differences); the crop search is unchanged. Raw uint8 needs about 3 * size² * aspect bytes
+    per image (≈ 0.5 MB at 352 for 4:3). Written to a temporary folder and renamed when complete.
     """
-    h, w = mask.shape
-    side = min(h, w)
-    tall = h > w
-    line = mask.sum(axis=1 if tall else 0, dtype=np.int64)
-    cs = np.concatenate([[0], np.cumsum(line)])
-    offsets = np.asarray(offsets, np.int64)
-    sums = cs[offsets + side] - cs[offsets]
-    ok = sums.astype(np.float64) > min_frac * float(h * w)
-    off = int(offsets[int(np.argmax(ok)) if ok.any() else int(np.argmax(sums))])
-    return (off, 0, side) if tall else (0, off, side)
-
-
-def short_side_shape(h: int | tf.Tensor, w: int | tf.Tensor, size: int):
-    """(h', w') with min(h', w') == size and the aspect ratio kept (rounded)."""
-    if isinstance(h, int):
-        m = min(h, w)
-        return (size, max(size, round(w * size / m))) if h <= w else (max(size, round(h * size / m)), size)
-    hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
-    m = tf.minimum(hf, wf)
-    nh = tf.maximum(size, tf.cast(tf.round(hf * size / m), tf.int32))
-    nw = tf.maximum(size, tf.cast(tf.round(wf * size / m), tf.int32))
-    return tf.where(h <= w, size, nh), tf.where(h <= w, nw, size)
-
-
-def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, threads: int | None = None,
-                compression: str = "uncompressed") -> Path:
-    """Pre-resize every image of `source` (short side -> `size`) into `out_dir` records.
-
-    Image: bilinear with align_corners=True (the original's resize); masks: nearest. At train
-    time the PC+ random square crop is then taken at `size` directly, without a resize. This
-    approximates crop-then-resize (sub-pixel differences); the crop search is unchanged.
-    Written to a temporary directory and renamed when complete.
-
-    `compression` is an array_record option for the image records: "uncompressed" (default:
-    reading a 352x528 image is a copy, ~0.05 ms, against ~0.9 ms to decompress the library's
-    default zstd, which would be the largest cost per sample in cached mode), or e.g. "zstd:3" /
-    "snappy" (about 2/3 of the disk space on photos; CachedSource reads any of them).
-    """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from data_pipelines.pcplus import resize_image, resize_mask
-
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it to rebuild the cache")
@@ -357,38 +291,34 @@ def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, thr
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         first_task: dict[str, int] = {}
-        image_record = []
-        for key in source.image_keys:
-            image_record.append(first_task.setdefault(key, len(first_task)))
+        image_record = [first_task.setdefault(key, len(first_task)) for key in source.image_keys]
         record_to_task = _first_indices(image_record)
 
-        def load_resized(i):
-            image, mask = source.load(i)
-            nh, nw = short_side_shape(tf.shape(image)[0], tf.shape(image)[1], size)
-            return resize_image(image, nh, nw), resize_mask(mask, nh, nw)
+        def image_of(task: int) -> np.ndarray:
+            image, _ = source.read(task)
+            nh, nw = short_side_shape(image.shape[0], image.shape[1], size)
+            return resize_bilinear_u8(image, nh, nw)
 
-        opts = tf.data.Options()
-        if threads:
-            opts.threading.private_threadpool_size = threads
+        def mask_of(task: int) -> np.ndarray:
+            mask = source.read_mask(task)
+            nh, nw = short_side_shape(mask.shape[0], mask.shape[1], size)
+            return resize_nearest(mask, (nh, nw))
+
         shapes = []
-        w_img = ArrayRecordWriter(os.fspath(tmp / "images.array_record"), f"group_size:1,{compression}")
-        ds = tf.data.Dataset.from_tensor_slices(np.asarray(record_to_task, np.int64)).map(
-            lambda i: load_resized(i)[0], num_parallel_calls=tf.data.AUTOTUNE).with_options(opts)
-        for img in ds.as_numpy_iterator():
-            shapes.append([int(img.shape[0]), int(img.shape[1])])
-            w_img.write(np.ascontiguousarray(img).tobytes())
-        w_img.close()
-        w_mask = ArrayRecordWriter(os.fspath(tmp / "masks.array_record"), "group_size:1")
-        ds = tf.data.Dataset.range(len(source)).map(
-            lambda i: load_resized(i)[1], num_parallel_calls=tf.data.AUTOTUNE).with_options(opts)
-        for i, m in enumerate(ds.as_numpy_iterator()):
-            if list(m.shape) != shapes[image_record[i]]:
-                raise AssertionError(f"task {i}: mask shape {m.shape} != image shape {shapes[image_record[i]]}")
-            w_mask.write(np.packbits(m.reshape(-1).astype(bool)).tobytes())
-        w_mask.close()
+        # OpenCV releases the GIL: threads decode and resize in parallel; map() keeps the order.
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            with open(tmp / "images.u8", "wb") as f:
+                for img in pool.map(image_of, record_to_task):
+                    shapes.append([int(img.shape[0]), int(img.shape[1])])
+                    f.write(np.ascontiguousarray(img).tobytes())
+            with open(tmp / "masks.bits", "wb") as f:
+                for i, m in enumerate(pool.map(mask_of, range(len(source)))):
+                    if list(m.shape) != shapes[image_record[i]]:
+                        raise ValueError(f"task {i}: mask shape {m.shape[:2]} != image shape {shapes[image_record[i]]}")
+                    f.write(np.packbits(m.reshape(-1)).tobytes())
         with open(tmp / "index.json", "w") as f:
-            json.dump({"size": size, "phrases": list(source.phrases), "image_record": image_record,
-                       "image_shapes": shapes}, f)
+            json.dump({"format": CACHE_FORMAT, "size": size, "phrases": list(source.phrases),
+                       "image_record": image_record, "image_shapes": shapes}, f)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -397,7 +327,7 @@ def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, thr
 
 
 def _first_indices(image_record: list[int]) -> list[int]:
-    first = {}
+    first: dict[int, int] = {}
     for i, r in enumerate(image_record):
         first.setdefault(r, i)
     return [first[r] for r in range(len(first))]
