@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median reported)")
     p.add_argument("--modes", nargs="+", default=["jpeg", "cached"], choices=["jpeg", "cached"])
+    p.add_argument("--support-render", nargs="+", default=["host"], choices=["host", "device"],
+                   help="host: rendered supports in the batch; device: raw supports + masks (rendered in the step)")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
 
@@ -63,35 +65,34 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
                "tensorflow": tf.__version__, "tasks": len(src), "image_sizes": [a.min_size, a.max_size],
                "batch_size": a.batch_size, "runs": []}
-    for mode in a.modes:
-        for threads in a.threads:
-            pipe = PCPlus(sources[mode], batch_size=a.batch_size, seed=0, process_index=0, process_count=1,
-                          threads=threads, num_parallel_calls=threads, prefetch=2)
-            it = pipe.iterator()  # numpy batches, as the trainer consumes them
-            for _ in range(a.warmup):
+    for mode, render, threads in [(m, r, t) for m in a.modes for r in a.support_render for t in a.threads]:
+        pipe = PCPlus(sources[mode], batch_size=a.batch_size, seed=0, process_index=0, process_count=1,
+                      threads=threads, num_parallel_calls=threads, prefetch=2, support_render=render)
+        it = pipe.iterator()  # numpy batches, as the trainer consumes them
+        for _ in range(a.warmup):
+            next(it)
+        reps = []
+        for _ in range(a.repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(a.batches):
                 next(it)
-            reps = []
-            for _ in range(a.repeats):
-                t0, c0 = time.perf_counter(), time.process_time()
-                for _ in range(a.batches):
-                    next(it)
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                reps.append((dt, dc))
-            it.close()
-            n = a.batches * a.batch_size
-            sps = sorted(n / dt for dt, _ in reps)
-            spc = sorted(n / dc for _, dc in reps)
-            med = len(reps) // 2
-            # samples per CPU-second of this process (all threads): the per-core figure that the
-            # other users of a shared machine do not distort as much as wall time.
-            run = {"mode": mode, "threads": threads, "samples_per_s": round(sps[med], 1),
-                   "samples_per_s_per_core_wall": round(sps[med] / threads, 1),
-                   "samples_per_cpu_s": round(spc[med], 1),
-                   "samples_per_cpu_s_all": [round(x, 1) for x in spc],
-                   "cpu_utilisation": round(sum(dc for _, dc in reps) / sum(dt for dt, _ in reps) / threads, 2),
-                   "seconds": round(sum(dt for dt, _ in reps), 2)}
-            results["runs"].append(run)
-            print(json.dumps(run), flush=True)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            reps.append((dt, dc))
+        it.close()
+        n = a.batches * a.batch_size
+        sps = sorted(n / dt for dt, _ in reps)
+        spc = sorted(n / dc for _, dc in reps)
+        med = len(reps) // 2
+        # samples per CPU-second of this process (all threads): the per-core figure that the
+        # other users of a shared machine do not distort as much as wall time.
+        run = {"mode": mode, "support_render": render, "threads": threads, "samples_per_s": round(sps[med], 1),
+               "samples_per_s_per_core_wall": round(sps[med] / threads, 1),
+               "samples_per_cpu_s": round(spc[med], 1),
+               "samples_per_cpu_s_all": [round(x, 1) for x in spc],
+               "cpu_utilisation": round(sum(dc for _, dc in reps) / sum(dt for dt, _ in reps) / threads, 2),
+               "seconds": round(sum(dt for dt, _ in reps), 2)}
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
     try:
         results["loadavg_after"] = os.getloadavg()
     except OSError:

@@ -113,11 +113,15 @@ def resize_bilinear_align_corners(image: np.ndarray, size: tuple[int, int]) -> n
 
 
 def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest resize with torch's legacy 'nearest' rule: src = floor(dst * in / out)."""
+    """Nearest resize with torch's legacy 'nearest' rule: src = floor(dst * in / out).
+
+    Integer arithmetic, so the floor is exact (a float ratio can land just below an integer);
+    `prompts_jax` uses the same formula.
+    """
     h, w = array.shape[:2]
     oh, ow = size
-    ys = np.minimum((np.arange(oh) * (h / oh)).astype(np.int64), h - 1)
-    xs = np.minimum((np.arange(ow) * (w / ow)).astype(np.int64), w - 1)
+    ys = np.minimum(np.arange(oh, dtype=np.int64) * h // oh, h - 1)
+    xs = np.minimum(np.arange(ow, dtype=np.int64) * w // ow, w - 1)
     return array[ys][:, xs]
 
 
@@ -361,7 +365,7 @@ def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: st
     sq[...] = pad
     a, b = (n - ch) // 2, (n - cw) // 2
     sq[a:a + ch, b:b + cw] = _rgba_u32(comp)
-    src = np.minimum((np.arange(h) * (n / h)).astype(np.int64), n - 1)
+    src = np.minimum(np.arange(h, dtype=np.int64) * n // h, n - 1)
     gathered = np.take(sq, src, axis=1)[src]  # columns of the n rows first: n <= h rows to gather
     rgba = gathered.view(np.uint8).reshape(h, w, 4)
     if out is None:

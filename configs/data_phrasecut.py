@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.negative_prob = 0.2      # q_neg of the paper / rd64-uni yaml
     c.visual_prompt_mode = "crop_blur_highlight352"
+    c.support_render = "host"  # 'device': ship raw supports + masks, render in the step (prompts_jax)
     c.image_size = 352
     c.support_excludes_query = True   # False reproduces the original (support may be the query)
     c.min_crop_fg = 0.05

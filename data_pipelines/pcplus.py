@@ -119,10 +119,15 @@ class PCPlus:
       num_parallel_calls: batches built in parallel by tf.data (AUTOTUNE by default).
       threads: size of a private tf.data thread pool (None: TF's global pool).
       prefetch: batches to prefetch (AUTOTUNE when None).
+      support_render: "host" (default): `support_image` is the rendered visual prompt. "device":
+        `support_image` is the raw support square and `support_mask` its mask; render them in
+        the jitted step with `clipseg_jax.prompts_jax.render_visual_prompts_jax` (takes the
+        largest per-sample cost off the input host).
     """
 
     OUTPUT_KEYS = ("image", "mask", "prompt", "phrase", "negative", "support_image", "support_valid",
                    "task_index", "support_index")
+    DEVICE_RENDER_KEYS = (*OUTPUT_KEYS, "support_mask")
 
     def __init__(
         self,
@@ -141,6 +146,7 @@ class PCPlus:
         num_parallel_calls: int | None = tf.data.AUTOTUNE,
         threads: int | None = None,
         prefetch: int | None = None,
+        support_render: str = "host",
     ):
         if visual_prompt_mode not in VISUAL_PROMPT_MODES:
             raise ValueError(f"unknown visual_prompt_mode {visual_prompt_mode!r}; expected one of {VISUAL_PROMPT_MODES}")
@@ -148,6 +154,8 @@ class PCPlus:
             raise ValueError(f"negative_prob must be in [0, 1]; got {negative_prob}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if support_render not in ("host", "device"):
+            raise ValueError(f"support_render must be 'host' or 'device'; got {support_render!r}")
         if crop_iterations < 1:
             raise ValueError(f"crop_iterations must be >= 1; got {crop_iterations}")
         for t in templates:
@@ -180,6 +188,8 @@ class PCPlus:
         self.num_parallel_calls = num_parallel_calls
         self.threads = threads
         self.prefetch = prefetch
+        self.support_render = support_render
+        self.output_keys = self.OUTPUT_KEYS if support_render == "host" else self.DEVICE_RENDER_KEYS
         self.num_tasks = n
         # Hosts take the same number of slots per epoch (n // P); the n % P left-over slots of the
         # permutation change every epoch, so no task is dropped systematically.
@@ -287,9 +297,16 @@ class PCPlus:
             resize_bilinear_u8(win, s, s, out=out_image)
             out_mask[...] = resize_nearest(mwin, (s, s))
 
-    def _support(self, task: int, u: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> bool:
-        """Render the support visual prompt of `task` into `out`; False if its object left the crop."""
+    def _support(self, task: int, u: np.ndarray, out: np.ndarray, scratch: np.ndarray,
+                 out_mask: np.ndarray | None = None) -> bool:
+        """Render the support visual prompt of `task` into `out`; False if its object left the crop.
+
+        With `out_mask` (device rendering) the raw support square and its mask are written instead.
+        """
         s = self.image_size
+        if out_mask is not None:
+            self._query(task, u, out, out_mask)
+            return bool(out_mask.any())
         win, mwin = self._window(task, u)
         if win.shape[0] == s:
             image, mask = win, np.ascontiguousarray(mwin)
@@ -319,18 +336,23 @@ class PCPlus:
         support = _empty_aligned((b, s, s, 3))
         support_valid = np.zeros(b, bool)
         scratch = np.empty((s, s, 3), np.uint8)
+        device = self.support_render == "device"
+        support_mask = _empty_aligned((b, s, s)) if device else None
         for i in range(b):
             self._query(int(p["task"][i]), p["crop_u"][i], image[i], mask[i])
             if p["negative"][i]:
                 mask[i] = 0
             if p["has_support"][i]:
-                support_valid[i] = self._support(int(p["support_task"][i]), p["support_crop_u"][i], support[i], scratch)
+                support_valid[i] = self._support(int(p["support_task"][i]), p["support_crop_u"][i], support[i], scratch,
+                                                 support_mask[i] if device else None)
             if not support_valid[i]:
                 support[i] = 0
+                if device:
+                    support_mask[i] = 0
         phrase = self._phrase_bytes[p["phrase_id"]]
         prompt = np.array([self._affixes[t][0] + ph + self._affixes[t][1] for t, ph in zip(p["template"], phrase)],
                           dtype=object)
-        return {
+        out = {
             "image": image,
             "mask": mask,
             "prompt": prompt,
@@ -341,6 +363,9 @@ class PCPlus:
             "task_index": p["task"],
             "support_index": np.where(support_valid, p["support_task"], -1),
         }
+        if device:
+            out["support_mask"] = support_mask
+        return out
 
     # ---- datasets -----------------------------------------------------------------------------
     def dataset(self, start_step: int = 0, num_steps: int | None = None) -> tf.data.Dataset:
@@ -348,18 +373,22 @@ class PCPlus:
         start = int(start_step)
         stop = np.iinfo(np.int64).max if num_steps is None else start + int(num_steps)
         b, s = self.batch_size, self.image_size
-        dtypes = (tf.uint8, tf.uint8, tf.string, tf.string, tf.bool, tf.uint8, tf.bool, tf.int64, tf.int64)
-        shapes = ([b, s, s, 3], [b, s, s], [b], [b], [b], [b, s, s, 3], [b], [b], [b])
+        dtypes = [tf.uint8, tf.uint8, tf.string, tf.string, tf.bool, tf.uint8, tf.bool, tf.int64, tf.int64]
+        shapes = [[b, s, s, 3], [b, s, s], [b], [b], [b], [b, s, s, 3], [b], [b], [b]]
+        if self.support_render == "device":
+            dtypes.append(tf.uint8)
+            shapes.append([b, s, s])
+        keys = self.output_keys
 
         def make(step):
             batch = self.batch(int(step))
-            return [batch[k] for k in self.OUTPUT_KEYS]
+            return [batch[k] for k in keys]
 
         def fn(step):
             outs = tf.numpy_function(make, [step], dtypes, stateful=False)
             for t, shape in zip(outs, shapes):
                 t.set_shape(shape)
-            return dict(zip(self.OUTPUT_KEYS, outs))
+            return dict(zip(keys, outs))
 
         ds = tf.data.Dataset.range(start, stop)
         ds = ds.map(fn, num_parallel_calls=self.num_parallel_calls, deterministic=True)

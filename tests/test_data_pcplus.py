@@ -424,3 +424,30 @@ def test_open_iterator_at_exit_does_not_abort(data_dir):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, check=False,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_device_support_rendering_equals_host(source):
+    """support_render="device": raw support squares + masks that, rendered on device with
+    `render_visual_prompts_jax`, give the host pipeline's supports (same tasks, same crops)."""
+    import jax
+
+    from clipseg_jax.prompts_jax import render_visual_prompts_jax
+
+    kw = dict(batch_size=8, seed=12, process_index=0, process_count=1, image_size=SMALL)
+    host = next(PCPlus(source, **kw).iterator(0, 1))
+    dev_pipe = PCPlus(source, support_render="device", **kw)
+    dev = next(dev_pipe.iterator(0, 1))
+    assert set(dev) == set(host) | {"support_mask"} and dev["support_mask"].shape == (8, SMALL, SMALL)
+    for k in host:
+        if k != "support_image":
+            np.testing.assert_array_equal(dev[k], host[k])
+    assert dev["support_valid"].any()
+    assert (dev["support_mask"][dev["support_valid"]].reshape(-1, SMALL * SMALL).max(1) == 1).all()
+    rendered = np.asarray(jax.jit(render_visual_prompts_jax, static_argnums=3)(
+        dev["support_image"], dev["support_mask"], dev["support_valid"], dev_pipe.mode))
+    diff = np.abs(rendered.astype(int) - host["support_image"].astype(int))
+    # host: support resized only where the renderer reads (warpAffine sub-rectangle), uint8 render;
+    # device: full resize, float render. Each is within 1 level of the exact reference.
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    with pytest.raises(ValueError, match="support_render"):
+        PCPlus(source, support_render="gpu", **kw)
