@@ -229,20 +229,30 @@ def render_visual_prompt(
             out = _pad_to_square(out[y0:y1, x0:x1])
             out = resize_nearest(out, (size, size))
         out = out + offset
-    elif mode == "overlay":
-        out = x * m
-    elif mode == "highlight":
-        out = x * m * 0.85 + 0.15 * x
-    elif mode == "highlight2":
-        half = x / 2
-        out = (half + 0.1) * m + 0.3 * half
-    elif mode == "shape":
-        out = np.repeat(m, 3, axis=2)
-    elif mode == "image_only":
-        out = x
-    else:  # image_black
-        out = np.zeros_like(x)
+    else:
+        out = _elementwise_prompt(mode, x, m)
     return _denormalize_to_uint8(out)
+
+
+def _elementwise_prompt(mode: str, x, m):
+    """The per-pixel modes, from the normalised image x (H, W, 3) and mask m (H, W, 1).
+
+    Plain arithmetic, so it serves numpy here and JAX in `prompts_jax`.
+    """
+    if mode == "overlay":
+        return x * m
+    if mode == "highlight":
+        return x * m * 0.85 + 0.15 * x
+    if mode == "highlight2":
+        half = x / 2
+        return (half + 0.1) * m + 0.3 * half
+    if mode == "shape":
+        return m + 0.0 * x  # the mask on all three channels
+    if mode == "image_only":
+        return x
+    if mode == "image_black":
+        return 0.0 * x
+    raise ValueError(f"{mode!r} is not a per-pixel visual prompt mode")
 
 
 # --------------------------------------------------------------------------------------------

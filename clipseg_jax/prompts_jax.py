@@ -21,6 +21,7 @@ from clipseg_jax.prompts import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VISUAL_PROMPT_MODES,
+    _elementwise_prompt,
     _gauss_taps,
 )
 
@@ -88,19 +89,8 @@ def render_visual_prompt_jax(image: jax.Array, mask: jax.Array, mode: str = "cro
             cols = jnp.clip(x0 + ix, 0, s - 1)
             out = jnp.where(valid[:, :, None], out[rows][:, cols], 0.0)
         out = out + offset
-    elif mode == "overlay":
-        out = x * m
-    elif mode == "highlight":
-        out = x * m * 0.85 + 0.15 * x
-    elif mode == "highlight2":
-        half = x / 2
-        out = (half + 0.1) * m + 0.3 * half
-    elif mode == "shape":
-        out = jnp.broadcast_to(m, x.shape)
-    elif mode == "image_only":
-        out = x
-    else:  # image_black
-        out = jnp.zeros_like(x)
+    else:
+        out = _elementwise_prompt(mode, x, m)
     y = (out * std + mean) * 255.0
     return jnp.clip(jnp.round(y), 0, 255).astype(jnp.uint8)
 
