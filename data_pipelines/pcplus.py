@@ -156,6 +156,8 @@ class PCPlus:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if support_render not in ("host", "device"):
             raise ValueError(f"support_render must be 'host' or 'device'; got {support_render!r}")
+        if image_size < 2:
+            raise ValueError(f"image_size must be >= 2; got {image_size}")
         if crop_iterations < 1:
             raise ValueError(f"crop_iterations must be >= 1; got {crop_iterations}")
         for t in templates:
