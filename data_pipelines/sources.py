@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from clipseg_jax._io import atomic_directory
 from data_pipelines.imageops import (
     decode_image,
     decode_mask,
@@ -77,6 +76,7 @@ class TfdsSource(Source):
 
     def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None, name: str = "phrasecut"):
         import tensorflow_datasets as tfds
+        from tensorflow.core.example import example_pb2
 
         import data_pipelines  # noqa: F401  (registers the builder)
 
@@ -93,6 +93,7 @@ class TfdsSource(Source):
             raise ValueError(f"{name} split {split!r} was not prepared as array_record ({paths[:1]}); "
                              "rebuild with file_format='array_record' for random access")
         self._reader = _RecordReader(paths)
+        self._parse = example_pb2.Example.FromString  # a record is a serialized tf.train.Example (~30 µs)
         self.name, self.split = name, split
         self.phrases = list(meta["phrase"])
         self.task_ids = list(meta["task_id"])
@@ -100,29 +101,25 @@ class TfdsSource(Source):
         if len(self._reader) != len(self.phrases):
             raise ValueError(f"{name}/{split}: {len(self._reader)} records but {len(self.phrases)} index entries")
 
-    def _features(self, index: int):
-        # A TFDS record is a serialized tf.train.Example; protobuf parses it in ~30 µs.
-        from tensorflow.core.example import example_pb2
-
-        return example_pb2.Example.FromString(self._reader[index]).features.feature
+    def _feature(self, features, index: int, key: str):
+        """(encoded bytes, name for errors) of one feature of a parsed record."""
+        return features[key].bytes_list.value[0], f"{self.name}/{self.split} task {self.task_ids[index]} {key}"
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        f = self._features(index)
-        where = f"{self.name}/{self.split} task {self.task_ids[index]}"
-        image = decode_image(f["image"].bytes_list.value[0], f"{where} image")
-        mask = decode_mask(f["mask"].bytes_list.value[0], f"{where} mask")
-        return image, mask
+        f = self._parse(self._reader[index]).features.feature
+        return decode_image(*self._feature(f, index, "image")), decode_mask(*self._feature(f, index, "mask"))
 
     def read_mask(self, index: int) -> np.ndarray:
-        f = self._features(index)
-        return decode_mask(f["mask"].bytes_list.value[0], f"{self.name}/{self.split} task {self.task_ids[index]} mask")
+        return decode_mask(*self._feature(self._parse(self._reader[index]).features.feature, index, "mask"))
 
 
 class OwnDataSource(Source):
     """Your own data: `folder/annotations.jsonl` with one `{"image", "mask", "phrase"}` per line.
 
     Paths are relative to the folder (or absolute). Images: any JPEG/PNG/BMP/GIF; masks: PNG,
-    single channel (or RGB/LA, converted to gray), non-zero = object. Several lines may share an
+    single channel or RGB(A)/LA; a pixel non-zero in any colour channel is object (the
+    construction-time emptiness check looks at PIL's gray conversion instead, so a mask whose
+    only object pixels round to gray 0, e.g. (0, 0, 1), is skipped as empty). Several lines may share an
     image (one task per phrase). Validation at construction: a missing file raises an error
     naming it; an undecodable image/mask, a mask of another size or an empty mask is skipped and
     counted in a warning (`self.skipped`).
@@ -287,23 +284,26 @@ def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, thr
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it to rebuild the cache")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        first_task: dict[str, int] = {}
-        image_record = [first_task.setdefault(key, len(first_task)) for key in source.image_keys]
-        record_to_task = _first_indices(image_record)
+    # Image record of every task, and the first task of every record (whose image is stored).
+    record_of_key: dict[str, int] = {}
+    image_record, record_to_task = [], []
+    for task, key in enumerate(source.image_keys):
+        if key not in record_of_key:
+            record_of_key[key] = len(record_to_task)
+            record_to_task.append(task)
+        image_record.append(record_of_key[key])
 
-        def image_of(task: int) -> np.ndarray:
-            image, _ = source.read(task)
-            nh, nw = short_side_shape(image.shape[0], image.shape[1], size)
-            return resize_bilinear_u8(image, nh, nw)
+    def image_of(task: int) -> np.ndarray:
+        image, _ = source.read(task)
+        nh, nw = short_side_shape(image.shape[0], image.shape[1], size)
+        return resize_bilinear_u8(image, nh, nw)
 
-        def mask_of(task: int) -> np.ndarray:
-            mask = source.read_mask(task)
-            nh, nw = short_side_shape(mask.shape[0], mask.shape[1], size)
-            return resize_nearest(mask, (nh, nw))
+    def mask_of(task: int) -> np.ndarray:
+        mask = source.read_mask(task)
+        nh, nw = short_side_shape(mask.shape[0], mask.shape[1], size)
+        return resize_nearest(mask, (nh, nw))
 
+    with atomic_directory(out) as tmp:
         shapes = []
         # OpenCV releases the GIL: threads decode and resize in parallel; map() keeps the order.
         with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
@@ -319,15 +319,4 @@ def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, thr
         with open(tmp / "index.json", "w") as f:
             json.dump({"format": CACHE_FORMAT, "size": size, "phrases": list(source.phrases),
                        "image_record": image_record, "image_shapes": shapes}, f)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _first_indices(image_record: list[int]) -> list[int]:
-    first: dict[int, int] = {}
-    for i, r in enumerate(image_record):
-        first.setdefault(r, i)
-    return [first[r] for r in range(len(first))]
