@@ -92,13 +92,18 @@ def _empty_aligned(shape: tuple[int, ...], dtype=np.uint8, align: int = 64) -> n
     return raw[off:off + n].view(dtype).reshape(shape)
 
 
-def _process_info() -> tuple[int, int]:
-    try:
-        import jax
+def _host_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """The given (process_index, process_count), missing ones from jax (one host without jax)."""
+    if process_index is None or process_count is None:
+        try:
+            import jax
 
-        return jax.process_index(), jax.process_count()
-    except Exception:  # noqa: BLE001  (no jax backend: single host)
-        return 0, 1
+            pi, pc = jax.process_index(), jax.process_count()
+        except Exception:  # noqa: BLE001  (no jax backend: single host)
+            pi, pc = 0, 1
+        process_index = pi if process_index is None else process_index
+        process_count = pc if process_count is None else process_count
+    return process_index, process_count
 
 
 class PCPlus:
@@ -127,7 +132,6 @@ class PCPlus:
 
     OUTPUT_KEYS = ("image", "mask", "prompt", "phrase", "negative", "support_image", "support_valid",
                    "task_index", "support_index")
-    DEVICE_RENDER_KEYS = (*OUTPUT_KEYS, "support_mask")
 
     def __init__(
         self,
@@ -163,10 +167,7 @@ class PCPlus:
         for t in templates:
             if t.count("{}") != 1:
                 raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
-        if process_index is None or process_count is None:
-            pi, pc = _process_info()
-            process_index = pi if process_index is None else process_index
-            process_count = pc if process_count is None else process_count
+        process_index, process_count = _host_shard(process_index, process_count)
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         n = len(source)
@@ -191,7 +192,6 @@ class PCPlus:
         self.threads = threads
         self.prefetch = prefetch
         self.support_render = support_render
-        self.output_keys = self.OUTPUT_KEYS if support_render == "host" else self.DEVICE_RENDER_KEYS
         self.num_tasks = n
         # Hosts take the same number of slots per epoch (n // P); the n % P left-over slots of the
         # permutation change every epoch, so no task is dropped systematically.
@@ -215,6 +215,11 @@ class PCPlus:
         self._perm_lock = threading.Lock()
 
     # ---- index arithmetic -------------------------------------------------------------------
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        """Keys of a batch: `OUTPUT_KEYS`, plus "support_mask" with device rendering."""
+        return self.OUTPUT_KEYS + (("support_mask",) if self.support_render == "device" else ())
+
     @property
     def steps_per_epoch(self) -> float:
         """Batches per epoch on this host (batches may straddle epochs)."""
@@ -299,33 +304,22 @@ class PCPlus:
             resize_bilinear_u8(win, s, s, out=out_image)
             out_mask[...] = resize_nearest(mwin, (s, s))
 
-    def _support(self, task: int, u: np.ndarray, out: np.ndarray, scratch: np.ndarray,
-                 out_mask: np.ndarray | None = None) -> bool:
-        """Render the support visual prompt of `task` into `out`; False if its object left the crop.
-
-        With `out_mask` (device rendering) the raw support square and its mask are written instead.
-        """
+    def _support(self, task: int, u: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> bool:
+        """Render the support visual prompt of `task` into `out`; False if its object left the crop."""
         s = self.image_size
-        if out_mask is not None:
-            self._query(task, u, out, out_mask)
-            return bool(out_mask.any())
         win, mwin = self._window(task, u)
-        if win.shape[0] == s:
-            image, mask = win, np.ascontiguousarray(mwin)
-        else:
-            mask = resize_nearest(mwin, (s, s))
-            if not mask.any():
-                return False
+        side = win.shape[0]
+        mask = np.ascontiguousarray(mwin) if side == s else resize_nearest(mwin, (s, s))
+        if not mask.any():  # an object can vanish in the crop/resize: then no support
+            return False
+        image = win
+        if side != s:
             # Resize only the pixels the renderer reads (crop box + blur margin): the other
             # values of `scratch` are never used.
             y0, y1, x0, x1 = visual_prompt_read_region(mask, self.mode)
-            side = win.shape[0]
             sc = (side - 1) / (s - 1)
-            region = resize_bilinear_u8(win, y1 - y0, x1 - x0, out=None, origin=(y0 * sc, x0 * sc), scale=(sc, sc))
-            scratch[y0:y1, x0:x1] = region
+            scratch[y0:y1, x0:x1] = resize_bilinear_u8(win, y1 - y0, x1 - x0, origin=(y0 * sc, x0 * sc), scale=(sc, sc))
             image = scratch
-        if not mask.any():  # an object can vanish in the crop/resize: then no support
-            return False
         render_visual_prompt_square_u8(image, mask, self.mode, out=out)
         return True
 
@@ -345,8 +339,12 @@ class PCPlus:
             if p["negative"][i]:
                 mask[i] = 0
             if p["has_support"][i]:
-                support_valid[i] = self._support(int(p["support_task"][i]), p["support_crop_u"][i], support[i], scratch,
-                                                 support_mask[i] if device else None)
+                st, u = int(p["support_task"][i]), p["support_crop_u"][i]
+                if device:  # the raw support square and its mask; rendered in the jitted step
+                    self._query(st, u, support[i], support_mask[i])
+                    support_valid[i] = support_mask[i].any()
+                else:
+                    support_valid[i] = self._support(st, u, support[i], scratch)
             if not support_valid[i]:
                 support[i] = 0
                 if device:
@@ -375,12 +373,13 @@ class PCPlus:
         start = int(start_step)
         stop = np.iinfo(np.int64).max if num_steps is None else start + int(num_steps)
         b, s = self.batch_size, self.image_size
-        dtypes = [tf.uint8, tf.uint8, tf.string, tf.string, tf.bool, tf.uint8, tf.bool, tf.int64, tf.int64]
-        shapes = [[b, s, s, 3], [b, s, s], [b], [b], [b], [b, s, s, 3], [b], [b], [b]]
-        if self.support_render == "device":
-            dtypes.append(tf.uint8)
-            shapes.append([b, s, s])
+        image, mask, vector = (tf.uint8, [b, s, s, 3]), (tf.uint8, [b, s, s]), [b]
+        spec = {"image": image, "mask": mask, "prompt": (tf.string, vector), "phrase": (tf.string, vector),
+                "negative": (tf.bool, vector), "support_image": image, "support_valid": (tf.bool, vector),
+                "task_index": (tf.int64, vector), "support_index": (tf.int64, vector), "support_mask": mask}
         keys = self.output_keys
+        dtypes = [spec[k][0] for k in keys]
+        shapes = [spec[k][1] for k in keys]
 
         def make(step):
             batch = self.batch(int(step))
@@ -462,10 +461,7 @@ def eval_dataset(source: Source, batch_size: int = 32, image_size: int = 352,
 
     Finite; host p takes tasks p, p+P, ...; the last batch may be smaller.
     """
-    if process_index is None or process_count is None:
-        pi, pc = _process_info()
-        process_index = pi if process_index is None else process_index
-        process_count = pc if process_count is None else process_count
+    process_index, process_count = _host_shard(process_index, process_count)
     cv2.setNumThreads(1)
     phrases = np.array([p.encode() for p in source.phrases], dtype=object)
     s = image_size
