@@ -273,8 +273,7 @@ def _u8_mode_constants(mode: str):
     bg = (1.0 - bg_fac) * IMAGENET_MEAN.astype(np.float64) * 255.0 + off
     k = _gauss_taps(sigma).astype(np.float32)
     pad = _denormalize_to_uint8(np.full((1, 1, 3), offset, np.float32))
-    return (k * np.float32(bg_fac), k, (*np.rint(bg).tolist(), 0.0), (*off.tolist(), 0.0),
-            cv2.cvtColor(pad, cv2.COLOR_RGB2RGBA).view(np.uint32)[0, 0, 0])
+    return (k * np.float32(bg_fac), k, (*np.rint(bg).tolist(), 0.0), (*off.tolist(), 0.0), _rgba_u32(pad)[0, 0])
 
 
 def _rgba_u32(rgb: np.ndarray) -> np.ndarray:
@@ -283,13 +282,9 @@ def _rgba_u32(rgb: np.ndarray) -> np.ndarray:
 
 
 def _render_box(m: np.ndarray, context: float | None) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) the prompt shows: `mask_crop_box` (OpenCV's bounding box) or everything."""
+    """(y0, y1, x0, x1) the prompt shows: `mask_crop_box`, or everything for the modes without a crop."""
     h, w = m.shape
-    if context is None:
-        return 0, h, 0, w
-    bx, by, bw, bh = cv2.boundingRect(m)
-    return (int(max(0, by - context * bh)), int(min(h, by + bh + context * bh)),
-            int(max(0, bx - context * bw)), int(min(w, bx + bw + context * bw)))
+    return (0, h, 0, w) if context is None else mask_crop_box(m, context)
 
 
 def _with_margin(box: tuple[int, int, int, int], h: int, w: int) -> tuple[int, int, int, int]:
@@ -307,7 +302,7 @@ def visual_prompt_read_region(mask: np.ndarray, mode: str) -> tuple[int, int, in
     h, w = mask.shape
     if mode not in _PREPROCESS_MODES:
         return 0, h, 0, w
-    box = _render_box(np.ascontiguousarray(mask, dtype=np.uint8), _PREPROCESS_MODES[mode][2])
+    box = _render_box(np.asarray(mask), _PREPROCESS_MODES[mode][2])
     return _with_margin(box, h, w)
 
 

@@ -47,9 +47,8 @@ def decode_mask(data: bytes | np.ndarray, name: str = "mask") -> np.ndarray:
                 m = np.asarray(im.convert("L"))
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{name}: cannot decode mask ({e})") from None
-    if m.ndim == 3:
-        m = m[:, :, : min(3, m.shape[2])] if m.shape[2] != 2 else m[:, :, :1]
-        m = m.max(axis=2)
+    if m.ndim == 3:  # colour channels only: BGR(A) -> the first 3, gray + alpha -> the first
+        m = m[:, :, :3 if m.shape[2] >= 3 else 1].max(axis=2)
     return (m > 0).view(np.uint8)
 
 
