@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not manual.exists():
         synthetic.generate(manual, {"train": a.images, "val": 1, "test": 1, "miniv": 1}, a.min_size, a.max_size, seed=0)
     data_dir = work / "tfds"
-    if not (data_dir / "phrasecut").exists():
+    try:
+        src = TfdsSource("train", data_dir)
+    except FileNotFoundError:  # not prepared yet, or by another version of the builder
         phrasecut.build(manual, data_dir)
-    src = TfdsSource("train", data_dir)
+        src = TfdsSource("train", data_dir)
     sources = {"jpeg": src}
     if "cached" in a.modes:
         cache = work / "cache352"

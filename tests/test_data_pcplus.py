@@ -321,6 +321,15 @@ def test_make_pcplus_from_config(data_dir, tmp_path):
     own_main([str(root)])
 
 
+def _square_windows(full, fmask):
+    """Every min(H, W) square window along the long axis: (oy, ox, image window, mask window)."""
+    h, w = fmask.shape
+    side = min(h, w)
+    for off in range(max(h, w) - side + 1):
+        oy, ox = (off, 0) if h > w else (0, off)
+        yield oy, ox, full[oy:oy + side, ox:ox + side], fmask[oy:oy + side, ox:ox + side]
+
+
 def test_query_is_a_square_crop_of_the_original_resized(source):
     """End to end: image/mask == bilinear/nearest resize of some min(H,W) window of the fully
     decoded original (so the window-only JPEG decoding is exact), and the window keeps > 5 % of
@@ -332,9 +341,8 @@ def test_query_is_a_square_crop_of_the_original_resized(source):
         h, w = fmask.shape
         side = min(h, w)
         errs = []
-        for off in range(max(h, w) - side + 1):
-            oy, ox = (off, 0) if h > w else (0, off)
-            ref = np.clip(np.rint(resize_bilinear_align_corners(full[oy:oy + side, ox:ox + side], (SMALL, SMALL))), 0, 255)
+        for oy, ox, win, _ in _square_windows(full, fmask):
+            ref = np.clip(np.rint(resize_bilinear_align_corners(win, (SMALL, SMALL))), 0, 255)
             errs.append((np.abs(ref - img.astype(float)).max(), oy, ox))
         err, oy, ox = min(errs)
         assert err <= 1, err
@@ -368,17 +376,12 @@ def test_support_is_rendered_from_a_square_crop_of_the_support_task(source):
     for sup_img, valid, sidx in zip(b["support_image"], b["support_valid"], b["support_index"]):
         if not valid:
             continue
-        full, fmask = source.read(int(sidx))
-        h, w = fmask.shape
-        side = min(h, w)
         errs = []
-        for off in range(max(h, w) - side + 1):
-            oy, ox = (off, 0) if h > w else (0, off)
-            m = resize_nearest(fmask[oy:oy + side, ox:ox + side], (SMALL, SMALL))
+        for _, _, win, mwin in _square_windows(*source.read(int(sidx))):
+            m = resize_nearest(mwin, (SMALL, SMALL))
             if not m.any():
                 continue
-            img = np.clip(np.rint(resize_bilinear_align_corners(full[oy:oy + side, ox:ox + side], (SMALL, SMALL))),
-                          0, 255).astype(np.uint8)
+            img = np.clip(np.rint(resize_bilinear_align_corners(win, (SMALL, SMALL))), 0, 255).astype(np.uint8)
             ref = render_visual_prompt(img, m, "crop_blur_highlight352", size=SMALL)
             errs.append(np.abs(ref.astype(int) - sup_img.astype(int)).max())
         assert min(errs) <= 1
