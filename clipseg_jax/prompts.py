@@ -147,11 +147,12 @@ def mask_crop_box(mask: np.ndarray, context: float) -> tuple[int, int, int, int]
     the image. The original clips columns to H and rows to W (swapped); that only matters for
     non-square inputs, where this function clips each axis to its own size.
     """
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    y0, y1 = int(rows[0]), int(rows[-1]) + 1
-    x0, x1 = int(cols[0]), int(cols[-1]) + 1
-    ph, pw = y1 - y0, x1 - x0
+    mask = np.asarray(mask)
+    m = mask.view(np.uint8) if mask.dtype in (np.uint8, np.bool_) else (mask != 0).view(np.uint8)
+    x0, y0, pw, ph = cv2.boundingRect(m)  # of the non-zero pixels; ~2x numpy's any/flatnonzero
+    if pw == 0:
+        raise ValueError("mask_crop_box: the mask is empty")
+    y1, x1 = y0 + ph, x0 + pw
     h, w = mask.shape
     return (
         int(max(0, y0 - context * ph)),
@@ -273,7 +274,7 @@ def _u8_mode_constants(mode: str):
     bg = (1.0 - bg_fac) * IMAGENET_MEAN.astype(np.float64) * 255.0 + off
     k = _gauss_taps(sigma).astype(np.float32)
     pad = _denormalize_to_uint8(np.full((1, 1, 3), offset, np.float32))
-    return (k * np.float32(bg_fac), k, (*np.rint(bg).tolist(), 0.0), (*off.tolist(), 0.0), _rgba_u32(pad)[0, 0])
+    return (k * np.float32(bg_fac), k, (*np.rint(bg).tolist(), 0.0), (*off.tolist(), 0.0), pad[0, 0])
 
 
 def _rgba_u32(rgb: np.ndarray) -> np.ndarray:
@@ -334,7 +335,7 @@ def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: st
     if image.shape != (h, w, 3) or h != w or image.dtype != np.uint8:
         raise ValueError(f"expected a square uint8 (S, S, 3) image and (S, S) mask; got {image.shape} {mask.shape}")
     sigma, bg_fac, context, offset = _PREPROCESS_MODES[mode]
-    kx, ky, bg, off, pad = _u8_mode_constants(mode)
+    kx, ky, bg, off, _ = _u8_mode_constants(mode)
     m = np.ascontiguousarray(mask, dtype=np.uint8)
     y0, y1, x0, x1 = _render_box(m, context)
 
@@ -363,19 +364,40 @@ def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: st
         return out
 
     # Pad to a square of the mean colour (0 in normalised space), then nearest-resize back to
-    # h x w with the rule of `resize_nearest` (src = floor(dst * n / h)).
+    # h x w with the rule of `resize_nearest` (src = floor(dst * n / h)). Only the output rows
+    # and columns whose source lies inside the box are gathered (as 32-bit RGBA pixels); the
+    # others are the pad colour.
     ch, cw = y1 - y0, x1 - x0
     n = max(ch, cw)
-    sq = np.empty((n, n), np.uint32)
-    sq[...] = pad
-    a, b = (n - ch) // 2, (n - cw) // 2
-    sq[a:a + ch, b:b + cw] = _rgba_u32(comp)
-    src = np.minimum(np.arange(h, dtype=np.int64) * n // h, n - 1)
-    gathered = np.take(sq, src, axis=1)[src]  # columns of the n rows first: n <= h rows to gather
-    rgba = gathered.view(np.uint8).reshape(h, w, 4)
+    rows, r0 = _nearest_span(n, h, (n - ch) // 2, ch)
+    cols, c0 = _nearest_span(n, w, (n - cw) // 2, cw)
+    r1, c1 = r0 + len(rows), c0 + len(cols)
+    gathered = np.take(_rgba_u32(comp), cols, axis=1)[rows]
+    shown = cv2.cvtColor(gathered.view(np.uint8).reshape(len(rows), len(cols), 4), cv2.COLOR_RGBA2RGB)
     if out is None:
-        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
-    res = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB, dst=out)  # in place when `out` is contiguous
-    if res is not out and not np.shares_memory(res, out):
-        out[...] = res
+        out = np.empty((h, w, 3), np.uint8)
+    pad_row = _pad_row(mode, w)
+    out[:r0] = pad_row
+    out[r1:] = pad_row
+    out[r0:r1, :c0] = pad_row[:c0]
+    out[r0:r1, c1:] = pad_row[c1:]
+    out[r0:r1, c0:c1] = shown
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _nearest_span(n: int, size: int, start: int, length: int) -> tuple[np.ndarray, int]:
+    """Nearest resize n -> size: (source indices - start, first output) of the outputs whose source is in [start, start+length)."""
+    src = np.minimum(np.arange(size, dtype=np.int64) * n // size, n - 1)
+    lo, hi = np.searchsorted(src, [start, start + length])
+    idx = src[lo:hi] - start
+    idx.flags.writeable = False
+    return idx, int(lo)
+
+
+@functools.cache
+def _pad_row(mode: str, w: int) -> np.ndarray:
+    row = np.empty((w, 3), np.uint8)
+    row[...] = _u8_mode_constants(mode)[4]  # the mean colour (+ offset) as uint8 RGB
+    row.flags.writeable = False
+    return row
