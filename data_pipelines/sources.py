@@ -117,9 +117,8 @@ class OwnDataSource(Source):
     """Your own data: `folder/annotations.jsonl` with one `{"image", "mask", "phrase"}` per line.
 
     Paths are relative to the folder (or absolute). Images: any JPEG/PNG/BMP/GIF; masks: PNG,
-    single channel or RGB(A)/LA; a pixel non-zero in any colour channel is object (the
-    construction-time emptiness check looks at PIL's gray conversion instead, so a mask whose
-    only object pixels round to gray 0, e.g. (0, 0, 1), is skipped as empty). Several lines may share an
+    single channel or RGB(A)/LA; a pixel non-zero in any colour channel is object (one rule,
+    `imageops.decode_mask`, for reading and for the emptiness check). Several lines may share an
     image (one task per phrase). Validation at construction: a missing file raises an error
     naming it; an undecodable image/mask, a mask of another size or an empty mask is skipped and
     counted in a warning (`self.skipped`).
@@ -186,13 +185,14 @@ class OwnDataSource(Source):
         if key in cache:
             return cache[key]
         try:
-            with Image.open(path) as im:
-                if mode == "full":
-                    im.load()
-                    nonempty = bool(np.asarray(im.convert("L")).any()) if is_mask else True
-                else:
-                    nonempty = True
-                res = (im.size[1], im.size[0], nonempty) if is_mask else (im.size[1], im.size[0])
+            if is_mask and mode == "full":  # decoded by the reader itself, so "empty" means what it reads
+                m = decode_mask(np.fromfile(path, np.uint8), os.fspath(path))
+                res = (m.shape[0], m.shape[1], bool(m.any()))
+            else:
+                with Image.open(path) as im:
+                    if mode == "full":
+                        im.load()
+                    res = (im.size[1], im.size[0], True) if is_mask else (im.size[1], im.size[0])
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             log.warning("own data: skipping unreadable %s (%s)", path, e)
             res = None

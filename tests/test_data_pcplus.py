@@ -266,6 +266,23 @@ def test_own_data_through_pcplus(tmp_path, caplog):
     assert (b["mask"].reshape(6, -1).max(1) == 1).all()
 
 
+def test_own_data_empty_mask_rule_is_the_readers(tmp_path):
+    """Construction skips a mask as empty exactly when the reader would read no object pixel."""
+    root = tmp_path / "own"
+    lines = _write_own_data(root, 2)
+    faint = np.zeros((60, 90, 3), np.uint8)
+    faint[5, 7] = (0, 0, 1)  # gray value 0 under PIL's "L" conversion, but non-zero in blue
+    Image.fromarray(faint).save(root / "faint.png")
+    Image.fromarray(np.zeros((60, 90), np.uint8)).save(root / "empty.png")
+    lines += [{"image": "img0.png", "mask": "faint.png", "phrase": "faint"},
+              {"image": "img0.png", "mask": "empty.png", "phrase": "nothing"}]
+    (root / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    src = OwnDataSource(root)
+    assert src.phrases == ["cat", "cat", "faint"] and src.skipped == {"empty_mask": 1}
+    m = src.read_mask(2)
+    assert m.sum() == 1 and m[5, 7] == 1
+
+
 def test_own_data_missing_file_names_it(tmp_path):
     root = tmp_path / "own"
     lines = _write_own_data(root, 2)
