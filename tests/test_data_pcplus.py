@@ -493,3 +493,35 @@ def test_batch_arrays_are_adopted_by_tf_without_copy():
     outs = list(ds.as_numpy_iterator())
     assert [int(o[0, 0, 0, 0]) for o in outs] == [1, 2]
     assert all(np.shares_memory(o, b) for o, b in zip(outs, bufs))
+
+
+def test_batch_buffers_recycled_only_when_unreferenced(source):
+    """Batch arrays are reused once nothing references them, and never while a batch (or a view
+    of one, or the numpy array the tf.data iterator yielded) is still held."""
+    kw = dict(batch_size=3, seed=5, process_index=0, process_count=1)
+    ref = PCPlus(source, **kw)
+    expected = [ref.batch(s) for s in range(8)]
+    pipe = PCPlus(source, num_parallel_calls=2, prefetch=1, **kw)
+
+    b0 = pipe.batch(0)
+    ptr = b0["image"].ctypes.data
+    view = b0["support_image"][1]
+    del b0
+    b1 = pipe.batch(1)
+    assert b1["image"].ctypes.data == ptr  # recycled: the previous batch was dropped
+    assert not np.shares_memory(b1["support_image"], view)  # a live view keeps its buffer
+    np.testing.assert_array_equal(view, expected[0]["support_image"][1])
+
+    held = list(pipe.iterator(0, 8))  # every yielded batch kept while later ones are built
+    for got, want in zip(held, expected):
+        for k in ("image", "mask", "support_image"):
+            np.testing.assert_array_equal(got[k], want[k])
+    np.testing.assert_array_equal(view, expected[0]["support_image"][1])
+
+    it = pipe.iterator(0, 8)  # consumed one at a time: buffers come back around
+    seen = set()
+    for s, got in enumerate(it):
+        np.testing.assert_array_equal(got["image"], expected[s]["image"])
+        seen.add(got["image"].ctypes.data)
+        del got
+    assert len(seen) < 8
