@@ -88,11 +88,13 @@ def pick_square_crop(mask: np.ndarray, offsets: np.ndarray, min_frac: float) -> 
     tall = h > w
     # Foreground per row (tall) or column (wide): one OpenCV reduction, ~5x numpy's sum.
     line = cv2.reduce(np.ascontiguousarray(mask), 1 if tall else 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).reshape(-1)
-    cs = np.concatenate([[0], np.cumsum(line, dtype=np.int64)])
+    cs = np.zeros(line.size + 1, np.int64)
+    np.cumsum(line, out=cs[1:])
     offsets = np.asarray(offsets, np.int64)
     sums = cs[offsets + side] - cs[offsets]
-    ok = sums.astype(np.float64) > min_frac * float(h * w)
-    off = int(offsets[int(np.argmax(ok)) if ok.any() else int(np.argmax(sums))])
+    ok = sums > min_frac * float(h * w)
+    first = int(ok.argmax())  # the first True, or 0 when there is none
+    off = int(offsets[first if ok[first] else int(sums.argmax())])
     return (off, 0, side) if tall else (0, off, side)
 
 
