@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -60,9 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     sources = {"jpeg": src}
     if "cached" in a.modes:
         cache = work / "cache352"
-        if not cache.exists():
-            build_cache(src, cache)
-        sources["cached"] = CachedSource(cache)
+        try:
+            sources["cached"] = CachedSource(cache)
+        except (FileNotFoundError, ValueError):  # not built yet, or by another cache format
+            shutil.rmtree(cache, ignore_errors=True)
+            sources["cached"] = CachedSource(build_cache(src, cache))
 
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
                "tensorflow": tf.__version__, "tasks": len(src), "image_sizes": [a.min_size, a.max_size],

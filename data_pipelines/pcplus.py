@@ -222,6 +222,7 @@ class PCPlus:
         # Process-wide setting (nothing else in this project uses OpenCV threads).
         cv2.setNumThreads(1)
         self.source = source
+        self._crop_cumsum = getattr(source, "crop_cumsum", None)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.negative_prob = float(negative_prob)
@@ -338,7 +339,8 @@ class PCPlus:
         image, mask = self.source.read(task)
         h, w = mask.shape
         side, length = min(h, w), max(h, w)
-        oy, ox, side = pick_square_crop(mask, _below(u, length - side + 1), self.min_crop_fg)
+        cumsum = self._crop_cumsum(task) if self._crop_cumsum is not None else None  # stored by the cache
+        oy, ox, side = pick_square_crop(mask, _below(u, length - side + 1), self.min_crop_fg, cumsum)
         return image[oy:oy + side, ox:ox + side], mask[oy:oy + side, ox:ox + side]
 
     def _query(self, task: int, u: np.ndarray, out_image: np.ndarray, out_mask: np.ndarray) -> None:

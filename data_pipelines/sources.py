@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipseg_jax._io import atomic_directory
 from data_pipelines.imageops import (
+    crop_cumsum,
     decode_image,
     decode_mask,
     resize_bilinear_u8,
@@ -211,14 +212,16 @@ class OwnDataSource(Source):
         return decode_mask(np.fromfile(self._masks[index], np.uint8), self._masks[index])
 
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 class CachedSource(Source):
     """Images pre-resized so that the short side equals `size` (`build_cache`), memory-mapped.
 
     `images.u8` holds every image once (raw uint8, (h, w, 3) each, back to back); `masks.bits`
-    every task's mask bit-packed (`np.packbits`, padded to a byte); `index.json` the phrases,
+    every task's mask bit-packed (`np.packbits`, padded to a byte); `crop_profiles.u32` every
+    task's foreground count along its long axis as a cumulative sum (max(h, w) + 1 values, the
+    PC+ crop search's input, so it needs no pass over the mask); `index.json` the phrases,
     each task's image record and each record's shape. Reading a task is a view into the page
     cache plus one unpack of its mask: no decode, no copy of the image.
     """
@@ -242,8 +245,10 @@ class CachedSource(Source):
         self._image_off = np.concatenate([[0], np.cumsum(pixels * 3)])
         mask_bytes = (pixels[self._record] + 7) // 8
         self._mask_off = np.concatenate([[0], np.cumsum(mask_bytes)])
+        self._profile_off = np.concatenate([[0], np.cumsum(self._shapes[self._record].max(axis=1) + 1)])
         self._images = self._map(cache_dir / "images.u8", int(self._image_off[-1]))
         self._masks = self._map(cache_dir / "masks.bits", int(self._mask_off[-1]))
+        self._profiles = self._map(cache_dir / "crop_profiles.u32", 4 * int(self._profile_off[-1])).view(np.uint32)
 
     @staticmethod
     def _map(path: Path, size: int) -> np.ndarray:
@@ -269,6 +274,10 @@ class CachedSource(Source):
         h, w = self.image_shape(index)
         packed = self._masks[self._mask_off[index]:self._mask_off[index + 1]]
         return np.unpackbits(packed, count=h * w).reshape(h, w)
+
+    def crop_cumsum(self, index: int) -> np.ndarray:
+        """Foreground pixels in the first k rows (tall mask) or columns (otherwise), k = 0..max(h, w)."""
+        return self._profiles[self._profile_off[index]:self._profile_off[index + 1]]
 
 
 def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, threads: int | None = None) -> Path:
@@ -311,11 +320,12 @@ def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, thr
                 for img in pool.map(image_of, record_to_task):
                     shapes.append([int(img.shape[0]), int(img.shape[1])])
                     f.write(np.ascontiguousarray(img).tobytes())
-            with open(tmp / "masks.bits", "wb") as f:
+            with open(tmp / "masks.bits", "wb") as f, open(tmp / "crop_profiles.u32", "wb") as fp:
                 for i, m in enumerate(pool.map(mask_of, range(len(source)))):
                     if list(m.shape) != shapes[image_record[i]]:
                         raise ValueError(f"task {i}: mask shape {m.shape[:2]} != image shape {shapes[image_record[i]]}")
                     f.write(np.packbits(m.reshape(-1)).tobytes())
+                    fp.write(crop_cumsum(m).astype(np.uint32).tobytes())
         with open(tmp / "index.json", "w") as f:
             json.dump({"format": CACHE_FORMAT, "size": size, "phrases": list(source.phrases),
                        "image_record": image_record, "image_shapes": shapes}, f)

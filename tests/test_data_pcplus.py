@@ -19,6 +19,7 @@ from clipseg_jax.prompts import (
     resize_nearest,
 )
 from data_pipelines.imageops import (
+    crop_cumsum,
     decode_image,
     decode_mask,
     pick_square_crop,
@@ -406,6 +407,27 @@ def test_support_is_rendered_from_a_square_crop_of_the_support_task(source):
     assert checked >= 4
 
 
+def test_cache_crop_profiles(source, tmp_path):
+    """The cache's stored crop profiles equal the masks' own, so PC+ picks the same windows."""
+    cs = CachedSource(build_cache(source, tmp_path / "cache"))
+    for i in range(len(cs)):
+        np.testing.assert_array_equal(cs.crop_cumsum(i), crop_cumsum(cs.read_mask(i)))
+
+    class Unprofiled(Source):  # the same cache without its stored profiles
+        phrases, image_keys = cs.phrases, cs.image_keys
+        pre_resized = cs.pre_resized
+        read, read_mask = staticmethod(cs.read), staticmethod(cs.read_mask)
+
+    kw = dict(batch_size=4, seed=3, process_index=0, process_count=1)
+    for step in range(3):
+        a, b = PCPlus(cs, **kw).batch(step), PCPlus(Unprofiled(), **kw).batch(step)
+        for k in ("image", "mask", "support_image"):
+            np.testing.assert_array_equal(a[k], b[k])
+    m = cs.read_mask(0)
+    with pytest.raises(ValueError, match="cumsum has shape"):
+        pick_square_crop(m, np.zeros(3, np.int64), 0.05, cumsum=np.zeros(3, np.int64))
+
+
 def test_cache_errors_and_atomic_build(source, tmp_path):
     cache = build_cache(source, tmp_path / "cache")
     with pytest.raises(FileExistsError, match="exists"):
@@ -413,7 +435,7 @@ def test_cache_errors_and_atomic_build(source, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     (old / "index.json").write_text(json.dumps({"size": 352, "phrases": []}))
-    with pytest.raises(ValueError, match="cache format 1, expected 2; rebuild"):
+    with pytest.raises(ValueError, match="cache format 1, expected 3; rebuild"):
         CachedSource(old)
     with open(cache / "images.u8", "r+b") as f:
         f.truncate(1000)
