@@ -24,9 +24,16 @@ __all__ = [
 ]
 
 
+def _buffer(data: bytes | np.ndarray, name: str) -> np.ndarray:
+    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+    if buf.size == 0:  # cv2.imdecode asserts (cv2.error) on an empty buffer
+        raise ValueError(f"{name}: empty file")
+    return buf
+
+
 def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
     """Encoded image bytes -> uint8 (H, W, 3) RGB (libjpeg-turbo/libpng via OpenCV; PIL for the rest)."""
-    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+    buf = _buffer(data, name)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
     if img is None:  # GIF, palette formats OpenCV lacks: PIL
         try:
@@ -39,7 +46,7 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
 
 def decode_mask(data: bytes | np.ndarray, name: str = "mask") -> np.ndarray:
     """Encoded mask (PNG, any channel count) -> uint8 (H, W) {0,1}: non-zero in any colour channel."""
-    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+    buf = _buffer(data, name)
     m = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if m is None:
         try:

@@ -258,9 +258,11 @@ class PCPlus:
         self._affixes = [tuple(x.encode() for x in t.split("{}")) for t in self.templates]
         self._perms: dict[int, np.ndarray] = {}
         self._perm_lock = threading.Lock()
-        # Batches alive at once: parallel map + prefetch buffer + the consumer's (and one spare).
+        # Batches alive at once: parallel map + prefetch buffer + the consumer's (and one spare); two
+        # arrays of each shape per batch (image / support_image, mask / support_mask).
         parallel = num_parallel_calls if isinstance(num_parallel_calls, int) and num_parallel_calls > 0 else os.cpu_count()
-        self._pool = _ArrayPool(int(parallel or 1) + (prefetch if isinstance(prefetch, int) and prefetch > 0 else 2) + 2)
+        alive = int(parallel or 1) + (prefetch if isinstance(prefetch, int) and prefetch > 0 else 2) + 2
+        self._pool = _ArrayPool(2 * alive)
 
     # ---- index arithmetic -------------------------------------------------------------------
     @property

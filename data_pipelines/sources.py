@@ -257,7 +257,9 @@ class CachedSource(Source):
             raise ValueError(f"{path}: expected {size} bytes (from index.json), found {got}; rebuild the cache")
         if size == 0:
             return np.zeros(0, np.uint8)
-        return np.memmap(path, np.uint8, mode="r", shape=(size,))
+        # A plain ndarray view (it keeps the mapping alive): slices of an np.memmap run Python-level
+        # subclass hooks on every read.
+        return np.asarray(np.memmap(path, np.uint8, mode="r", shape=(size,)))
 
     def image_shape(self, index: int) -> tuple[int, int]:
         """(h, w) of a task's cached image, from the index (no read)."""
@@ -308,7 +310,7 @@ def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, thr
         return resize_bilinear_u8(image, nh, nw)
 
     def mask_of(task: int) -> np.ndarray:
-        mask = source.read_mask(task)
+        mask = (np.asarray(source.read_mask(task)) != 0).view(np.uint8)  # {0,1} whatever the source's values
         nh, nw = short_side_shape(mask.shape[0], mask.shape[1], size)
         return resize_nearest(mask, (nh, nw))
 

@@ -278,8 +278,11 @@ def test_own_data_empty_mask_rule_is_the_readers(tmp_path):
     lines += [{"image": "img0.png", "mask": "faint.png", "phrase": "faint"},
               {"image": "img0.png", "mask": "empty.png", "phrase": "nothing"}]
     (root / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    (root / "zero.png").write_bytes(b"")  # a 0-byte mask: unreadable, skipped, not a crash
+    lines.append({"image": "img0.png", "mask": "zero.png", "phrase": "zero"})
+    (root / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     src = OwnDataSource(root)
-    assert src.phrases == ["cat", "cat", "faint"] and src.skipped == {"empty_mask": 1}
+    assert src.phrases == ["cat", "cat", "faint"] and src.skipped == {"empty_mask": 1, "unreadable_file": 1}
     m = src.read_mask(2)
     assert m.sum() == 1 and m[5, 7] == 1
 
@@ -405,6 +408,23 @@ def test_support_is_rendered_from_a_square_crop_of_the_support_task(source):
         assert min(errs) <= 1
         checked += 1
     assert checked >= 4
+
+
+@pytest.mark.parametrize("scale", [255, "bool"])
+def test_cache_normalises_mask_values(tmp_path, scale):
+    """A source whose masks are 0/255 or bool still gives {0,1} cached masks and matching profiles."""
+    rng = np.random.default_rng(2)
+    items = []
+    for i, (h, w) in enumerate([(40, 70), (90, 50), (60, 60)]):
+        m = np.zeros((h, w), np.uint8)
+        m[5:25, 10:30] = 1
+        m = m.astype(bool) if scale == "bool" else m * np.uint8(scale)
+        items.append((rng.integers(0, 256, (h, w, 3), dtype=np.uint8), m, "thing"))
+    cs = CachedSource(build_cache(_ArraySource(items), tmp_path / "cache", size=32))
+    for i in range(len(items)):
+        m = cs.read_mask(i)
+        assert set(np.unique(m)) == {0, 1}
+        np.testing.assert_array_equal(cs.crop_cumsum(i), crop_cumsum(m))
 
 
 def test_cache_crop_profiles(source, tmp_path):
@@ -547,3 +567,22 @@ def test_batch_buffers_recycled_only_when_unreferenced(source):
         seen.add(got["image"].ctypes.data)
         del got
     assert len(seen) < 8
+
+
+@pytest.mark.parametrize("render", ["host", "device"])
+def test_batch_buffers_steady_state_allocates_nothing(source, monkeypatch, render):
+    """Consumed one batch at a time, the pool covers every array of a batch (two per shape)."""
+    import data_pipelines.pcplus as pcplus
+
+    calls = []
+    real = pcplus._empty_aligned
+    monkeypatch.setattr(pcplus, "_empty_aligned", lambda *a, **k: calls.append(a) or real(*a, **k))
+    pipe = PCPlus(source, batch_size=2, seed=1, process_index=0, process_count=1, num_parallel_calls=2,
+                  prefetch=1, support_render=render)
+    it = pipe.iterator(0, 14)
+    for _ in range(7):
+        next(it)
+    warm = len(calls)
+    for _ in it:
+        pass
+    assert warm > 0 and len(calls) == warm, (warm, len(calls))
