@@ -102,7 +102,9 @@ class _ArrayPool:
     per sample measured). TF adopts a `numpy_function` result without a copy and holds a
     reference to it for as long as the tensor, or a numpy array the consumer got from it,
     lives; any numpy view keeps the buffer owner alive. So an array whose own and owner's
-    reference counts are back to the pool's baseline is unused and may be overwritten.
+    reference counts are back to the pool's baseline is unused and may be overwritten. (TF may
+    drop its reference a little after the tensor dies, deferring decrefs made without the GIL:
+    that only delays reuse.)
     """
 
     def __init__(self, per_shape: int):
