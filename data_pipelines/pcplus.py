@@ -377,7 +377,10 @@ class PCPlus:
         return True
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Batch `step` of this host's stream as a dict of numpy arrays (a pure function of step)."""
+        """Batch `step` of this host's stream as a dict of numpy arrays (a pure function of step).
+
+        The pixel arrays come from a pool and are reused once nothing references them (docs/data.md §4).
+        """
         p = self.plan(step)
         b, s = self.batch_size, self.image_size
         image = self._pool.get((b, s, s, 3))
