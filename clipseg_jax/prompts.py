@@ -120,9 +120,12 @@ def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     h, w = array.shape[:2]
     oh, ow = size
-    ys = np.minimum(np.arange(oh, dtype=np.int64) * h // oh, h - 1)
-    xs = np.minimum(np.arange(ow, dtype=np.int64) * w // ow, w - 1)
-    return array[ys][:, xs]
+    return array[_nearest_src(h, oh)][:, _nearest_src(w, ow)]
+
+
+def _nearest_src(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output of a nearest resize n_in -> n_out: min(floor(dst * n_in / n_out), n_in - 1)."""
+    return np.minimum(np.arange(n_out, dtype=np.int64) * n_in // n_out, n_in - 1)
 
 
 def _normalize(image_u8: np.ndarray) -> np.ndarray:
@@ -326,11 +329,7 @@ def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: st
     image = np.asarray(image)
     mask = np.asarray(mask)
     if mode not in _PREPROCESS_MODES:
-        res = render_visual_prompt(image, mask, mode, size=image.shape[0])
-        if out is None:
-            return res
-        out[...] = res
-        return out
+        return _into(render_visual_prompt(image, mask, mode, size=image.shape[0]), out)
     h, w = mask.shape
     if image.shape != (h, w, 3) or h != w or image.dtype != np.uint8:
         raise ValueError(f"expected a square uint8 (S, S, 3) image and (S, S) mask; got {image.shape} {mask.shape}")
@@ -358,10 +357,7 @@ def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: st
         crop = cv2.add(crop.astype(np.float32), off, dtype=cv2.CV_8U)
     cv2.copyTo(np.ascontiguousarray(crop), np.ascontiguousarray(m[y0:y1, x0:x1]), comp)
     if context is None:
-        if out is None:
-            return comp
-        out[...] = comp
-        return out
+        return _into(comp, out)
 
     # Pad to a square of the mean colour (0 in normalised space), then nearest-resize back to
     # h x w with the rule of `resize_nearest` (src = floor(dst * n / h)). Only the output rows
@@ -385,10 +381,18 @@ def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: st
     return out
 
 
+def _into(res: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """`res`, copied into `out` when one is given."""
+    if out is None:
+        return res
+    out[...] = res
+    return out
+
+
 @functools.lru_cache(maxsize=4096)
 def _nearest_span(n: int, size: int, start: int, length: int) -> tuple[np.ndarray, int]:
     """Nearest resize n -> size: (source indices - start, first output) of the outputs whose source is in [start, start+length)."""
-    src = np.minimum(np.arange(size, dtype=np.int64) * n // size, n - 1)
+    src = _nearest_src(n, size)
     lo, hi = np.searchsorted(src, [start, start + length])
     idx = src[lo:hi] - start
     idx.flags.writeable = False
