@@ -10,6 +10,11 @@ Workload (what a user does): uint8 images in (480x640 by default), probabilities
 Prints one line per case with median seconds per call, pairs/s and the ratio ours/HF throughput. Also checks that
 both sides compute the same probabilities (max |Δ|) on the timed inputs.
 
+`--model-only` adds a second line per case: the networks alone on inputs already on the device (ours: uint8 pixels
+(N, 352, 352, 3) and K conditions -> N*K probability maps; transformers: N*K normalised pixel tensors and
+conditional embeddings -> sigmoid(logits), both with bf16 autocast and with bf16 weights when --dtype bfloat16,
+the ratio taken against the faster). It separates the network's speed from host-side decoding and resizing.
+
     python benchmarks/bench_inference.py                      # CPU, float32, rd64-refined architecture
     python benchmarks/bench_inference.py --dtype bfloat16 --cases 1x16 4x1 64x1 --device gpu
 """
@@ -55,6 +60,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    ap.add_argument("--model-only", action="store_true", help="also time the networks alone (inputs on device)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -109,6 +115,40 @@ def main() -> None:
         pred.clear_cache()
         return pred.predict(imgs, prompts)
 
+    def sync():
+        if tdev == "cuda":
+            torch.cuda.synchronize()
+
+    hf_bf16 = None
+    if args.model_only and args.dtype == "bfloat16":
+        import copy
+
+        hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+
+    def model_only(n, k):
+        """{name: median seconds} for the networks alone on device-resident inputs (N images x K conditions)."""
+        px = jax.device_put(np.asarray(rng.integers(0, 256, (n, 352, 352, 3)), np.uint8))
+        cond = jax.device_put(np.asarray(rng.standard_normal((k, hf.config.projection_dim)), np.float32))
+        out = {"ours": statistics.median(timeit(
+            lambda: pred._jit_segment(pred._state, px, cond).block_until_ready(), args.warmup + 1, args.iters))}
+        pv = torch.randn(n * k, 3, 352, 352, device=tdev)
+        ce = torch.randn(n * k, hf.config.projection_dim, device=tdev)
+        variants = {"transformers": (hf, pv, ce)}
+        if hf_bf16 is not None:
+            variants["transformers bf16 weights"] = (hf_bf16, pv.bfloat16(), ce.bfloat16())
+
+        for name, (m, p, c) in variants.items():
+            auto = m is hf and args.dtype == "bfloat16" and tdev == "cuda"
+
+            def run(m=m, p=p, c=c, auto=auto):
+                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if auto else torch.no_grad()
+                with torch.inference_mode(), ctx:
+                    torch.sigmoid(m(pixel_values=p, conditional_embeddings=c).logits.float())
+                sync()
+
+            out[name] = statistics.median(timeit(run, args.warmup, args.iters))
+        return out
+
     results = []
     print(f"# device: jax {jax.devices()[0].device_kind} ({jax.__version__}), torch {torch.__version__} on {tdev} "
           f"({args.torch_threads} threads), {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
@@ -132,6 +172,15 @@ def main() -> None:
         print(f"{case:>6}: ours {mo * 1e3:8.1f} ms ({n * k / mo:7.2f} pairs/s)  transformers {mh * 1e3:8.1f} ms "
               f"({n * k / mh:7.2f} pairs/s)  ratio {mh / mo:5.2f}x  first call {first_s:5.1f}s  max|Δp| {diff:.1e}",
               flush=True)
+        if args.model_only:
+            nb = next(b for b in (1, 2, 4, 8, 16, 32, 64) if b >= n) if n <= 64 else n
+            kb = next(b for b in (1, 2, 4, 8, 16, 32, 64) if b >= k) if k <= 64 else k
+            mt = model_only(nb, kb)
+            best = min(v for name, v in mt.items() if name != "ours")
+            r["model_only_s"] = mt
+            print(f"{'':>6}  network only ({nb}x{kb} padded to our buckets): "
+                  + "  ".join(f"{name} {v * 1e3:.1f} ms ({nb * kb / v:.1f} pairs/s)" for name, v in mt.items())
+                  + f"  ratio {best / mt['ours']:.2f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

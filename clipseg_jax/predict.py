@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import jax
@@ -106,6 +107,13 @@ def resize_probs(p: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.clip(np.einsum("hi,kij,wj->khw", mh, p, mw, optimize=True), 0.0, 1.0)
 
 
+def _resize_probs_device(p: jax.Array, mh: jax.Array, mw: jax.Array) -> jax.Array:
+    """(N, K, S, S) -> (N, K, h, w): `resize_probs` on device; full f32 matmuls (no TF32/bf16 passes)."""
+    hp = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("hi,nkij->nkhj", mh, p, precision=hp)
+    return jnp.clip(jnp.einsum("nkhj,wj->nkhw", x, mw, precision=hp), 0.0, 1.0)
+
+
 def _bucket(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if b >= n:
@@ -121,13 +129,22 @@ class Predictor:
     """
 
     def __init__(self, model: CLIPSeg, tokenizer: CLIPTokenizer | None = None, image_size: int = 352,
-                 text_cache_size: int = 4096, max_images_per_call: int | None = None):
+                 text_cache_size: int = 4096, max_images_per_call: int | None = None,
+                 resize_on_device: bool | None = None, host_threads: int | None = None):
         """max_images_per_call: images encoded per jitted call. Default: 1 on CPU, where a batch of 4 ViT-B/16
         passes at 352 takes ~1.7x longer than 4 single passes (working set out of cache; transformers shows the
-        same), 64 on accelerators."""
+        same), 64 on accelerators.
+        resize_on_device: resize probabilities back to the image size in a jitted matmul next to the model (default
+        on accelerators, where the host einsum would cost more than the network) instead of on the host.
+        host_threads: threads for decoding/resizing inputs on the host (PIL releases the GIL); default: CPU count,
+        at most 16."""
+        on_cpu = jax.default_backend() == "cpu"
         if max_images_per_call is None:
-            max_images_per_call = 1 if jax.default_backend() == "cpu" else IMAGE_BUCKETS[-1]
+            max_images_per_call = 1 if on_cpu else IMAGE_BUCKETS[-1]
         self.image_chunk = _bucket(max_images_per_call, IMAGE_BUCKETS)
+        self.resize_on_device = (not on_cpu) if resize_on_device is None else resize_on_device
+        self._host_threads = host_threads or min(16, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
         self.model = model
         self.tokenizer = tokenizer or CLIPTokenizer.from_pretrained(None)
         self.image_size = image_size
@@ -139,6 +156,7 @@ class Predictor:
         self._jit_image_features = jax.jit(self._image_features_fn)
         self._jit_segment = jax.jit(self._segment_fn)
         self._jit_segment_pairs = jax.jit(self._segment_pairs_fn)
+        self._jit_resize = jax.jit(_resize_probs_device)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype=jnp.float32, **kwargs) -> "Predictor":
@@ -171,7 +189,7 @@ class Predictor:
 
     def compile_count(self) -> int:
         """How many distinct shapes have been compiled so far (for checking that buckets are reused)."""
-        fns = (self._jit_text, self._jit_image_features, self._jit_segment, self._jit_segment_pairs)
+        fns = (self._jit_text, self._jit_image_features, self._jit_segment, self._jit_segment_pairs, self._jit_resize)
         return sum(f._cache_size() for f in fns)
 
     def clear_cache(self) -> None:
@@ -224,6 +242,10 @@ class Predictor:
     # -- segmentation ---------------------------------------------------------------------------------
     def predict_batch(self, pixels_u8: np.ndarray, cond: np.ndarray) -> np.ndarray:
         """pixels (N, S, S, 3) uint8 at the model resolution, cond (K, P) -> probabilities (N, K, S, S)."""
+        return np.concatenate([np.asarray(p) for p in self._predict_chunks(pixels_u8, cond)])
+
+    def _predict_chunks(self, pixels_u8: np.ndarray, cond: np.ndarray) -> list[jax.Array]:
+        """predict_batch's result as device arrays, one (n_i, K, S, S) per chunk of images (not yet on the host)."""
         pixels_u8 = np.asarray(pixels_u8, np.uint8)
         n, k = len(pixels_u8), len(cond)
         kb = _bucket(k, PROMPT_BUCKETS)
@@ -236,9 +258,9 @@ class Predictor:
             for ks in range(0, k, kb):
                 c = cond[ks:ks + kb]
                 c = np.concatenate([c, np.repeat(c[-1:], kb - len(c), 0)]).astype(np.float32)
-                per_prompt.append(np.asarray(self._jit_segment(self._state, padded, c))[: len(chunk), : min(kb, k - ks)])
-            out.append(np.concatenate(per_prompt, axis=1))
-        return np.concatenate(out)
+                per_prompt.append(self._jit_segment(self._state, padded, c)[: len(chunk), : min(kb, k - ks)])
+            out.append(per_prompt[0] if len(per_prompt) == 1 else jnp.concatenate(per_prompt, axis=1))
+        return out
 
     def predict_texts(self, pixels_u8: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """pixels (N, S, S, 3) uint8, K text prompts -> (N, K, S, S) probabilities at the model resolution."""
@@ -264,8 +286,17 @@ class Predictor:
 
     def preprocess(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """-> (N, S, S, 3) uint8 resized like the HF processor, and each image's original (H, W)."""
-        arrs = [load_image(im) for im in images]
-        return np.stack([resize_uint8(a, self.image_size) for a in arrs]), [a.shape[:2] for a in arrs]
+        def one(im):
+            a = load_image(im)
+            return resize_uint8(a, self.image_size), a.shape[:2]
+
+        if len(images) > 1 and self._host_threads > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._host_threads, thread_name_prefix="clipseg-preprocess")
+            done = list(self._pool.map(one, images))
+        else:
+            done = [one(im) for im in images]
+        return np.stack([d[0] for d in done]), [d[1] for d in done]
 
     def predict(
         self,
@@ -295,11 +326,33 @@ class Predictor:
             conds.append(self.encode_visual(list(visual_prompts), visual_prompt_mode))
         cond = np.concatenate(conds)
         pixels, sizes = self.preprocess(images)
-        probs = self.predict_batch(pixels, cond)
-        out = [resize_probs(p, h, w) for p, (h, w) in zip(probs, sizes)]
+        if self.resize_on_device:
+            out = self._resize_on_device(self._predict_chunks(pixels, cond), sizes)
+        else:
+            out = [resize_probs(p, h, w) for p, (h, w) in zip(self.predict_batch(pixels, cond), sizes)]
         if len(set(sizes)) == 1:
-            return np.stack(out).astype(np.float32)
-        return [o.astype(np.float32) for o in out]
+            return out[0][None] if len(out) == 1 else np.stack(out)
+        return out
+
+    def _resize_on_device(self, chunks: list[jax.Array], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Per image (K, H_i, W_i) float32, resized next to the model; runs of equal sizes share one jitted call."""
+        out: list[np.ndarray] = []
+        i = 0
+        for probs in chunks:
+            start = 0
+            while start < len(probs):
+                h, w = sizes[i + start]
+                end = start + 1
+                while end < len(probs) and sizes[i + end] == (h, w):
+                    end += 1
+                part = probs[start:end]
+                if part.shape[-2:] != (h, w):
+                    mh, mw = bilinear_matrix(part.shape[-2], h), bilinear_matrix(part.shape[-1], w)
+                    part = self._jit_resize(part, mh, mw)
+                out.extend(np.asarray(part))
+                start = end
+            i += len(probs)
+        return out
 
 
 def load_mask(mask: ImageLike, shape: tuple[int, int], what: str = "mask") -> np.ndarray:

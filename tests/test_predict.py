@@ -66,6 +66,22 @@ def test_sizes_differ_returns_list(pred):
     assert isinstance(out, list) and out[0].shape == (1, 100, 80) and out[1].shape == (1, 50, 70)
 
 
+def test_resize_on_device_and_threaded_preprocess_match_host_path(tiny_hf_dir, pred):
+    """The accelerator defaults (probabilities resized in a jitted matmul, inputs prepared by a thread pool) give
+    the host path's result: same sizes, runs of equal sizes across chunk boundaries, a 352x352 image (no resize)."""
+    dev = Predictor.from_pretrained(tiny_hf_dir, resize_on_device=True, host_threads=4, max_images_per_call=2)
+    imgs = [_img(100, 80, 1), _img(100, 80, 2), _img(100, 80, 3), _img(50, 70, 4), _img(352, 352, 5)]
+    prompts = ["a cat", "the dog", "a red umbrella"]
+    want, got = pred.predict(imgs, prompts), dev.predict(imgs, prompts)
+    assert [g.shape for g in got] == [w.shape for w in want] == [(3, 100, 80)] * 3 + [(3, 50, 70), (3, 352, 352)]
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    same = dev.predict(imgs[:3], prompts)
+    assert same.shape == (3, 3, 100, 80)
+    np.testing.assert_allclose(same, np.stack(want[:3]), atol=1e-5)
+
+
 def test_visual_prompt_path(pred):
     img = _img()
     mask = np.zeros(img.shape[:2], np.uint8)
