@@ -46,12 +46,12 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
+    from tiny_models import reference_config
 
     from clipseg_jax.config import CLIPSegConfig
     from clipseg_jax.model.clipseg import CLIPSeg
     from clipseg_jax.predict import normalize
     from clipseg_jax.prompts_jax import render_visual_prompts_jax
-    from tiny_models import reference_config
 
     b, s = args.batch_size, args.size
     rng = np.random.default_rng(0)
