@@ -12,6 +12,11 @@ per-core figure. Timing starts after `--warmup` batches and is taken over `--bat
 `--repeats` times (median reported, all kept in the JSON). Also reported: samples per
 CPU-second of the process (time.process_time over all threads), which is the per-core
 throughput even when other jobs share the cores (wall-time figures then understate it).
+
+With the jpeg mode it also prints the decode floor: the samples per CPU-second that a
+pipeline doing nothing but decode each sample's query and support (JPEG image + PNG mask, one
+thread, the same tasks as the timed batches) could reach, and the same for the JPEGs alone —
+the ceiling of any from-JPEG pipeline on this machine.
 """
 from __future__ import annotations
 
@@ -98,13 +103,53 @@ def main(argv: list[str] | None = None) -> dict:
                "seconds": round(sum(dt for dt, _ in reps), 2)}
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
+    if "jpeg" in a.modes:
+        floor = decode_floor(PCPlus(src, batch_size=a.batch_size, seed=0, process_index=0, process_count=1),
+                             src, a.warmup, a.batches, a.repeats)
+        results["runs"].append(floor)
+        print(json.dumps(floor), flush=True)
     try:
         results["loadavg_after"] = os.getloadavg()
     except OSError:
         pass
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=1))
+    if a.out:  # temp file + rename: never a half-written JSON
+        out = Path(a.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out)
     return results
+
+
+def decode_floor(pipe, src, warmup: int, batches: int, repeats: int) -> dict:
+    """Samples per CPU-second if decoding the query's and the support's image and mask were all the work."""
+    import cv2
+
+    from data_pipelines.imageops import decode_image, decode_mask
+
+    cv2.setNumThreads(1)
+    tasks, n = [], 0
+    for step in range(warmup, warmup + batches):
+        p = pipe.plan(step)
+        tasks += [int(t) for t in p["task"]]
+        tasks += [int(t) for t, has in zip(p["support_task"], p["has_support"]) if has]
+        n += len(p["task"])
+    encoded = [src.encoded(t) for t in tasks]
+    both, jpeg = [], []
+    for _ in range(max(repeats, 1)):
+        c0 = time.process_time()
+        for img, _ in encoded:
+            decode_image(img)
+        c1 = time.process_time()
+        for _, msk in encoded:
+            decode_mask(msk)
+        c2 = time.process_time()
+        jpeg.append(n / (c1 - c0))
+        both.append(n / (c2 - c0))
+    both, jpeg = sorted(both), sorted(jpeg)
+    return {"mode": "jpeg decode floor", "decodes_per_sample": round(len(tasks) / n, 3),
+            "samples_per_cpu_s_jpeg_and_png_only": round(both[len(both) // 2], 1),
+            "samples_per_cpu_s_jpeg_only": round(jpeg[len(jpeg) // 2], 1),
+            "mean_jpeg_kb": round(sum(len(i) for i, _ in encoded) / len(encoded) / 1e3, 1)}
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ class TfdsSource(Source):
         """(encoded bytes, name for errors) of one feature of a parsed record."""
         return features[key].bytes_list.value[0], f"{self.name}/{self.split} task {self.task_ids[index]} {key}"
 
+    def encoded(self, index: int) -> tuple[bytes, bytes]:
+        """(JPEG bytes, PNG bytes) of task `index` as stored, undecoded (benchmarks time the decode alone)."""
+        f = self._parse(self._reader[index]).features.feature
+        return self._feature(f, index, "image")[0], self._feature(f, index, "mask")[0]
+
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         f = self._parse(self._reader[index]).features.feature
         return decode_image(*self._feature(f, index, "image")), decode_mask(*self._feature(f, index, "mask"))
