@@ -10,8 +10,10 @@ crop_blur_highlight352 support, templates). `--threads N` pins tf.data to a priv
 threads with intra-op parallelism 1 (N batches built in parallel), so samples/s / N is the
 per-core figure. Timing starts after `--warmup` batches and is taken over `--batches` batches,
 `--repeats` times (median reported, all kept in the JSON). Also reported: samples per
-CPU-second of the process (time.process_time over all threads), which is the per-core
-throughput even when other jobs share the cores (wall-time figures then understate it).
+CPU-second of the process (time.process_time over all threads; with `--workers N`, plus the
+worker processes' CPU time from /proc), which is the per-core throughput even when other jobs
+share the cores (wall-time figures then understate it). `--workers N` times
+`PCPlus(workers=N)`: batches built in N processes instead of tf.data threads.
 
 With the jpeg mode it also prints the decode floor: the samples per CPU-second that a
 pipeline doing nothing but decode each sample's query and support (JPEG image + PNG mask, one
@@ -35,7 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=120, help="train images to generate")
     p.add_argument("--min-size", type=int, default=500)
     p.add_argument("--max-size", type=int, default=800)
-    p.add_argument("--threads", type=int, nargs="+", default=[1])
+    p.add_argument("--threads", type=int, nargs="*", default=[1], help="tf.data thread counts to time (none: skip)")
+    p.add_argument("--workers", type=int, nargs="+", default=[],
+                   help="also time PCPlus(workers=N): batches built in N worker processes")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -75,27 +79,33 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
                "tensorflow": tf.__version__, "tasks": len(src), "image_sizes": [a.min_size, a.max_size],
                "batch_size": a.batch_size, "runs": []}
-    for mode, render, threads in [(m, r, t) for m in a.modes for r in a.support_render for t in a.threads]:
+    configs = [(m, r, t, 0) for m in a.modes for r in a.support_render for t in a.threads]
+    configs += [(m, r, 0, w) for m in a.modes for r in a.support_render for w in a.workers]
+    for mode, render, threads, workers in configs:
         pipe = PCPlus(sources[mode], batch_size=a.batch_size, seed=0, process_index=0, process_count=1,
-                      threads=threads, num_parallel_calls=threads, prefetch=2, support_render=render)
+                      threads=threads or None, num_parallel_calls=threads or None, prefetch=2,
+                      support_render=render, workers=workers)
         it = pipe.iterator()  # numpy batches, as the trainer consumes them
         for _ in range(a.warmup):
             next(it)
+        pids = [p.pid for p in it._it._procs] if workers else []
         reps = []
         for _ in range(a.repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0 = time.perf_counter(), time.process_time() + _cpu_seconds(pids)
             for _ in range(a.batches):
                 next(it)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            dt, dc = time.perf_counter() - t0, time.process_time() + _cpu_seconds(pids) - c0
             reps.append((dt, dc))
         it.close()
+        threads = threads or workers  # cores the configuration may use
         n = a.batches * a.batch_size
         sps = sorted(n / dt for dt, _ in reps)
         spc = sorted(n / dc for _, dc in reps)
         med = len(reps) // 2
         # samples per CPU-second of this process (all threads): the per-core figure that the
         # other users of a shared machine do not distort as much as wall time.
-        run = {"mode": mode, "support_render": render, "threads": threads, "samples_per_s": round(sps[med], 1),
+        run = {"mode": mode, "support_render": render, "threads": 0 if workers else threads, "workers": workers,
+               "samples_per_s": round(sps[med], 1),
                "samples_per_s_per_core_wall": round(sps[med] / threads, 1),
                "samples_per_cpu_s": round(spc[med], 1),
                "samples_per_cpu_s_all": [round(x, 1) for x in spc],
@@ -118,6 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, out)
     return results
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of other (worker) processes so far, from /proc (Linux)."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def decode_floor(pipe, src, warmup: int, batches: int, repeats: int) -> dict:

@@ -18,4 +18,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.support_excludes_query = True   # False reproduces the original (support may be the query)
     c.min_crop_fg = 0.05
     c.crop_iterations = 50
+    c.workers = 0              # > 0: build batches in this many processes (no shared GIL) instead of tf.data threads
     return c

@@ -25,6 +25,7 @@ def make_pcplus(config, **overrides):
     kw = dict(batch_size=config.batch_size, seed=config.seed, negative_prob=config.negative_prob,
               visual_prompt_mode=config.visual_prompt_mode, image_size=config.image_size,
               support_excludes_query=config.support_excludes_query, min_crop_fg=config.min_crop_fg,
-              crop_iterations=config.crop_iterations, support_render=config.get("support_render", "host"))
+              crop_iterations=config.crop_iterations, support_render=config.get("support_render", "host"),
+              workers=config.get("workers", 0))
     kw.update(overrides)
     return PCPlus(source, **kw)

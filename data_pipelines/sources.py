@@ -79,7 +79,7 @@ class TfdsSource(Source):
         import tensorflow_datasets as tfds
         from tensorflow.core.example import example_pb2
 
-        import data_pipelines  # noqa: F401  (registers the builder)
+        import data_pipelines.phrasecut  # noqa: F401  (registers the builder, also in a PC+ worker)
 
         builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir else None)
         if not builder.is_prepared():
@@ -93,6 +93,7 @@ class TfdsSource(Source):
         if not all(str(p).split(".")[-1].startswith("array_record") for p in paths):
             raise ValueError(f"{name} split {split!r} was not prepared as array_record ({paths[:1]}); "
                              "rebuild with file_format='array_record' for random access")
+        self._init_args = (split, os.fspath(data_dir) if data_dir else None, name)
         self._reader = _RecordReader(paths)
         self._parse = example_pb2.Example.FromString  # a record is a serialized tf.train.Example (~30 µs)
         self.name, self.split = name, split
@@ -105,6 +106,10 @@ class TfdsSource(Source):
     def _feature(self, features, index: int, key: str):
         """(encoded bytes, name for errors) of one feature of a parsed record."""
         return features[key].bytes_list.value[0], f"{self.name}/{self.split} task {self.task_ids[index]} {key}"
+
+    def __reduce__(self):
+        # Pickled by its arguments (PC+ worker processes reopen the records).
+        return (TfdsSource, self._init_args)
 
     def encoded(self, index: int) -> tuple[bytes, bytes]:
         """(JPEG bytes, PNG bytes) of task `index` as stored, undecoded (benchmarks time the decode alone)."""
@@ -233,6 +238,7 @@ class CachedSource(Source):
 
     def __init__(self, cache_dir: str | os.PathLike):
         cache_dir = Path(cache_dir)
+        self.cache_dir = cache_dir
         index_path = cache_dir / "index.json"
         if not index_path.exists():
             raise FileNotFoundError(f"{index_path} not found: not a cache written by data_pipelines.sources.build_cache")
@@ -254,6 +260,10 @@ class CachedSource(Source):
         self._images = self._map(cache_dir / "images.u8", int(self._image_off[-1]))
         self._masks = self._map(cache_dir / "masks.bits", int(self._mask_off[-1]))
         self._profiles = self._map(cache_dir / "crop_profiles.u32", 4 * int(self._profile_off[-1])).view(np.uint32)
+
+    def __reduce__(self):
+        # Pickled by its folder (PC+ worker processes map the files again instead of copying them).
+        return (CachedSource, (self.cache_dir,))
 
     @staticmethod
     def _map(path: Path, size: int) -> np.ndarray:

@@ -332,7 +332,10 @@ def test_make_pcplus_from_config(data_dir, tmp_path):
     cfg.data_dir = str(data_dir)
     pipe = make_pcplus(cfg, batch_size=2, process_index=0, process_count=1, image_size=SMALL)
     b = next(pipe.iterator(0, 1))
-    assert b["image"].shape == (2, SMALL, SMALL, 3) and pipe.negative_prob == 0.2
+    assert b["image"].shape == (2, SMALL, SMALL, 3) and pipe.negative_prob == 0.2 and pipe.workers == 0
+    cfg.workers = 2
+    assert make_pcplus(cfg, batch_size=2, process_index=0, process_count=1).workers == 2
+    cfg.workers = 0
     cfg.source = "nope"
     with pytest.raises(ValueError, match="config.source"):
         make_pcplus(cfg)
