@@ -20,7 +20,9 @@ import types
 
 
 def _bare_package(name: str) -> None:
-    """Make `name` importable as a package without running its __init__."""
+    """Make `name` importable as a package without running its __init__ until one of the names it
+    defines is asked for (`from clipseg_jax import CLIPTokenizer` in a user's Source module): then
+    the __init__ runs, once, in the same module object."""
     if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)
@@ -28,8 +30,16 @@ def _bare_package(name: str) -> None:
         return
     mod = types.ModuleType(name)
     mod.__path__ = list(spec.submodule_search_locations)
-    mod.__spec__ = spec
-    mod.__package__ = name
+    mod.__spec__, mod.__loader__, mod.__file__, mod.__package__ = spec, spec.loader, spec.origin, name
+
+    def __getattr__(attr: str):  # module-level __getattr__ (PEP 562)
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        del mod.__getattr__
+        spec.loader.exec_module(mod)
+        return getattr(mod, attr)
+
+    mod.__getattr__ = __getattr__
     sys.modules[name] = mod
 
 
@@ -64,6 +74,12 @@ def _keep_freed_memory() -> None:
 
 
 def main(pipeline: bytes, tasks, results, layout) -> None:
+    import os
+    import queue
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it closes us)
+    parent = os.getppid()
     _keep_freed_memory()
     for pkg in ("clipseg_jax", "data_pipelines"):
         _bare_package(pkg)
@@ -71,11 +87,21 @@ def main(pipeline: bytes, tasks, results, layout) -> None:
 
     import numpy as np
 
-    pipe = pickle.loads(pipeline)
+    try:
+        pipe = pickle.loads(pipeline)
+    except Exception as e:  # noqa: BLE001  (e.g. a Source module that fails to import here)
+        results.put(("error", -1, f"cannot unpickle the pipeline in a worker: {type(e).__name__}: {e}"))
+        return
     slots: dict[str, tuple] = {}
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the parent died (SIGKILL, OOM): do not linger
+                return
+            continue
         if task is None:
+            results.cancel_join_thread()  # exit even if unread results still fill the pipe
             return
         step, name = task
         try:

@@ -33,6 +33,7 @@ import queue
 import runpy
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -561,9 +562,10 @@ class _Slot:
         self.shm = shared_memory.SharedMemory(create=True, size=size)
         # The arrays own the mapping: numpy keeps the mmap object alive but takes no buffer export, so
         # SharedMemory.close() (also run by its __del__) would unmap it under arrays still handed out.
+        # Made directly on the mmap (not as reshaped views), so that every view of a handed-out array
+        # has that array as its base and counts in `free()`.
         mm = self.shm._mmap
-        self.arrays = [np.frombuffer(mm, np.uint8, count=int(np.prod(shape)), offset=off).reshape(shape)
-                       for _, shape, off in layout]
+        self.arrays = [np.ndarray(shape, np.uint8, buffer=mm, offset=off) for _, shape, off in layout]
         self.shm._buf.release()
         self.shm._buf = self.shm._mmap = None  # close() is now a no-op; unmapped when the arrays go
         self.keys = [key for key, _, _ in layout]
@@ -589,6 +591,9 @@ class _ProcessBatches:
     def __init__(self, pipeline: PCPlus, start: int, num_steps: int | None):
         import multiprocessing as mp
 
+        if not getattr(sys, "_is_gil_enabled", lambda: True)():
+            raise NotImplementedError("workers > 0 needs reference counts to recycle slots; not on a "
+                                      "free-threaded Python build (use workers=0)")
         try:
             payload = pickle.dumps(pipeline)
         except Exception as e:  # noqa: BLE001
@@ -603,10 +608,11 @@ class _ProcessBatches:
             self._layout.append((key, shape, off))
             off += -(-int(np.prod(shape)) // 64) * 64  # 64-byte aligned arrays
         self._slot_size = off
+        self._depth = 2 * pipeline.workers
+        _check_shared_memory(off * (self._depth + 2))
         self._slots: list[_Slot] = []
         self._next = self._submitted = int(start)
         self._stop = np.iinfo(np.int64).max if num_steps is None else int(start) + int(num_steps)
-        self._depth = 2 * pipeline.workers
         self._inflight: dict[int, _Slot] = {}
         self._ready: dict[int, tuple[_Slot, dict]] = {}
         ctx = mp.get_context("spawn")  # fork would copy JAX's / TF's threads' locks
@@ -618,6 +624,7 @@ class _ProcessBatches:
         for proc in self._procs:
             proc.start()
         self._closed = False
+        self._error: RuntimeError | None = None
         self._fill()
 
     def _slot(self) -> _Slot:
@@ -636,22 +643,35 @@ class _ProcessBatches:
             self._tasks.put((self._submitted, slot.shm.name))
             self._submitted += 1
 
+    def _fail(self, message: str) -> RuntimeError:
+        self._error = RuntimeError(message)
+        self.close()
+        return self._error
+
+    def _check_workers(self) -> None:
+        dead = [p for p in self._procs if p.exitcode is not None]
+        if dead:
+            raise self._fail(f"PC+ worker process {dead[0].name} exited with code {dead[0].exitcode} "
+                             f"(batch {self._next} pending); its stderr has the reason")
+
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._closed or self._next >= self._stop:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
             raise StopIteration
+        if self._next >= self._stop:
+            self.close()  # nothing more to build: let the workers go
+            raise StopIteration
+        self._check_workers()
         while self._next not in self._ready:
             try:
                 kind, step, payload = self._results.get(timeout=1.0)
             except queue.Empty:
-                dead = [p for p in self._procs if not p.is_alive()]
-                if dead:
-                    self.close()
-                    raise RuntimeError(f"PC+ worker process {dead[0].name} exited with code {dead[0].exitcode} "
-                                       f"while batch {self._next} was pending") from None
+                self._check_workers()
                 continue
             if kind == "error":
-                self.close()
-                raise RuntimeError(f"PC+ worker failed on batch {step}: {payload}")
+                raise self._fail(f"PC+ worker failed on batch {step}: {payload}" if step >= 0 else
+                                 f"PC+ worker failed to start: {payload}")
             self._ready[step] = (self._inflight.pop(step), payload)
         slot, small = self._ready.pop(self._next)
         batch = dict(zip(slot.keys, slot.arrays))
@@ -673,8 +693,15 @@ class _ProcessBatches:
         self._closed = True
         for _ in self._procs:
             self._tasks.put(None)
+        # Drain results meanwhile: a worker whose unread results fill the pipe cannot exit.
+        deadline = time.monotonic() + 5.0
+        while any(p.is_alive() for p in self._procs) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty, OSError, EOFError):
+                while True:
+                    self._results.get_nowait()
+            for proc in self._procs:
+                proc.join(timeout=0.05)
         for proc in self._procs:
-            proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
@@ -690,6 +717,20 @@ class _ProcessBatches:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter shutdown queues may already be gone
             self.close()
+
+
+def _check_shared_memory(needed: int) -> None:
+    """Refuse up front when /dev/shm cannot hold the slots (Docker's default is 64 MB): a worker
+    writing past it would die of SIGBUS with no message."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:  # no /dev/shm (not Linux): nothing to check
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise ValueError(f"/dev/shm has {free / 2**20:.0f} MB free, PC+ workers need at least {needed / 2**20:.0f} MB "
+                         "(batch_size x image_size² x 7-8 bytes per slot, 2 x workers + 2 slots); enlarge it "
+                         "(docker run --shm-size=...) or use fewer workers / a smaller batch")
 
 
 def eval_dataset(source: Source, batch_size: int = 32, image_size: int = 352,

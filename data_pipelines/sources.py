@@ -57,6 +57,16 @@ class Source:
         return self.read(index)[1]
 
 
+def _reopen_class(obj: Source, base: type) -> type:
+    """The class that re-creates `obj` from `base`'s constructor arguments: its own, unless a subclass
+    changed the constructor (then those arguments would not fit, and copying the state is no option)."""
+    cls = type(obj)
+    if cls.__init__ is not base.__init__:
+        raise TypeError(f"{cls.__name__} subclasses {base.__name__} with its own __init__; define "
+                        f"__reduce__ to pickle it (PC+ workers re-create sources from pickles)")
+    return cls
+
+
 class _RecordReader:
     """Random access to array_record files (the C++ reader is thread-safe)."""
 
@@ -109,7 +119,7 @@ class TfdsSource(Source):
 
     def __reduce__(self):
         # Pickled by its arguments (PC+ worker processes reopen the records).
-        return (TfdsSource, self._init_args)
+        return (_reopen_class(self, TfdsSource), self._init_args)
 
     def encoded(self, index: int) -> tuple[bytes, bytes]:
         """(JPEG bytes, PNG bytes) of task `index` as stored, undecoded (benchmarks time the decode alone)."""
@@ -263,7 +273,7 @@ class CachedSource(Source):
 
     def __reduce__(self):
         # Pickled by its folder (PC+ worker processes map the files again instead of copying them).
-        return (CachedSource, (self.cache_dir,))
+        return (_reopen_class(self, CachedSource), (self.cache_dir,))
 
     @staticmethod
     def _map(path: Path, size: int) -> np.ndarray:

@@ -65,13 +65,16 @@ def test_workers_reuse_slots_of_dropped_batches_and_resume(cached):
     ref = _pipe(cached)
     pipe = _pipe(cached, workers=1)
     it = pipe.iterator()
+    kept = None
     for step in range(12):
         batch = next(it)
         _assert_same(batch, ref.batch(step))
-        view = batch["mask"][0]  # a view alone keeps its slot
+        if step == 2:  # views alone (a slice, a reshape as for sharding) keep the slot for many steps
+            kept = (batch["image"][1:], batch["mask"].reshape(2, 2, 64, 64))
         del batch
-    assert len(it._it._slots) <= 4  # 2 in flight, the one handed out, the one `view` keeps
-    assert np.array_equal(view, ref.batch(11)["mask"][0])
+    assert len(it._it._slots) <= 5  # 2 in flight, the one handed out, the one `kept` holds, one spare
+    want = ref.batch(2)
+    assert np.array_equal(kept[0], want["image"][1:]) and np.array_equal(kept[1].reshape(4, 64, 64), want["mask"])
     state = it.state()
     it.close()
     resumed = type(it).restore(pipe, state)
@@ -79,10 +82,59 @@ def test_workers_reuse_slots_of_dropped_batches_and_resume(cached):
     resumed.close()
 
 
+def test_workers_stop_at_the_end_and_when_one_dies(cached):
+    it = _pipe(cached, workers=2).iterator(num_steps=2)
+    assert len(list(it)) == 2
+    assert not any(p.is_alive() for p in it._it._procs)  # closed at the end, without close()
+    it = _pipe(cached, workers=2).iterator()
+    next(it)
+    procs = it._it._procs
+    procs[1].kill()
+    procs[1].join()
+    with pytest.raises(RuntimeError, match="pcplus-worker-1 exited with code -9"):
+        for _ in range(10):
+            next(it)
+    assert not any(p.is_alive() for p in procs)
+    with pytest.raises(RuntimeError, match="exited with code"):  # the same error again, not StopIteration
+        next(it)
+    it.close()
+
+
 def test_worker_error_names_the_batch(cached):
     it = _pipe(FailingSource(cached), workers=1, batch_size=len(cached.phrases)).iterator()
     with pytest.raises(RuntimeError, match=r"PC\+ worker failed on batch 0: ValueError: task 3: corrupt bytes"):
         next(it)
+    it.close()
+
+
+class SubCached(CachedSource):
+    def read_mask(self, index):
+        return 1 - super().read_mask(index)
+
+
+def test_source_subclass_and_user_module_in_workers(cached, tmp_path, monkeypatch):
+    sub = SubCached(cached.cache_dir)
+    assert type(pickle.loads(pickle.dumps(sub))) is SubCached
+    ref = _pipe(sub)
+    it = _pipe(sub, workers=1).iterator(num_steps=1)
+    _assert_same(next(it), ref.batch(0))
+    it.close()
+    # A Source module importing from the packages' __init__s works in a worker (which imports
+    # only the submodules the pipeline needs until such a name is asked for).
+    (tmp_path / "user_source_mod.py").write_text(
+        "from clipseg_jax import CLIPTokenizer  # noqa\n"
+        "from data_pipelines import make_pcplus  # noqa\n"
+        "from data_pipelines.sources import Source\n"
+        "class UserSource(Source):\n"
+        "    def __init__(self, inner):\n"
+        "        self.inner, self.phrases, self.image_keys = inner, inner.phrases, inner.image_keys\n"
+        "    def read(self, index):\n"
+        "        return self.inner.read(index)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from user_source_mod import UserSource
+
+    it = _pipe(UserSource(cached), workers=1).iterator(num_steps=1)
+    _assert_same(next(it), _pipe(cached).batch(0))
     it.close()
 
 
@@ -95,6 +147,13 @@ def test_workers_bad_arguments(cached):
 
     with pytest.raises(ValueError, match="needs a picklable source; Local"):
         _pipe(Local(cached), workers=1).iterator()
+
+    class OwnInit(CachedSource):
+        def __init__(self, path, extra):
+            super().__init__(path)
+
+    with pytest.raises(ValueError, match="OwnInit subclasses CachedSource with its own __init__"):
+        _pipe(OwnInit(cached.cache_dir, 1), workers=1).iterator()
 
 
 def test_sources_pickle_by_reference(cached, data_dir):
