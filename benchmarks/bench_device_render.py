@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,14 +21,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def median_time(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    # bench_inference sits in this folder, which is sys.path[0] when the script runs.
+    from bench_inference import timeit
+
+    return statistics.median(timeit(fn, warmup, iters))
 
 
 def main() -> None:
