@@ -14,6 +14,7 @@ pre-resized to the training resolution, raw uint8 in one memory-mapped file; bui
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -67,6 +68,34 @@ def _reopen_class(obj: Source, base: type) -> type:
     return cls
 
 
+@functools.lru_cache(maxsize=1)
+def _example_parser():
+    """`FromString` of a protobuf class wire-compatible with `tf.train.Example` for the features read
+    here (bytes lists), built from a descriptor: parsing needs protobuf, not TensorFlow."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FieldDescriptorProto
+    fd = descriptor_pb2.FileDescriptorProto(name="clipseg_jax_example.proto", package="clipseg_jax_example",
+                                            syntax="proto3")
+    fd.message_type.add(name="BytesList").field.add(name="value", number=1, type=f.TYPE_BYTES,
+                                                    label=f.LABEL_REPEATED)
+    fd.message_type.add(name="Feature").field.add(name="bytes_list", number=1, type=f.TYPE_MESSAGE,
+                                                  label=f.LABEL_OPTIONAL, type_name=".clipseg_jax_example.BytesList")
+    features = fd.message_type.add(name="Features")
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
+                    type_name=".clipseg_jax_example.Feature")
+    features.field.add(name="feature", number=1, type=f.TYPE_MESSAGE, label=f.LABEL_REPEATED,
+                       type_name=".clipseg_jax_example.Features.FeatureEntry")
+    fd.message_type.add(name="Example").field.add(name="features", number=1, type=f.TYPE_MESSAGE,
+                                                  label=f.LABEL_OPTIONAL, type_name=".clipseg_jax_example.Features")
+    pool = descriptor_pool.DescriptorPool()  # private: no clash with TensorFlow's own registrations
+    pool.Add(fd)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("clipseg_jax_example.Example")).FromString
+
+
 class _RecordReader:
     """Random access to array_record files (the C++ reader is thread-safe)."""
 
@@ -87,9 +116,8 @@ class TfdsSource(Source):
 
     def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None, name: str = "phrasecut"):
         import tensorflow_datasets as tfds
-        from tensorflow.core.example import example_pb2
 
-        import data_pipelines.phrasecut  # noqa: F401  (registers the builder, also in a PC+ worker)
+        import data_pipelines.phrasecut  # noqa: F401  (registers the builder)
 
         builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir else None)
         if not builder.is_prepared():
@@ -103,23 +131,34 @@ class TfdsSource(Source):
         if not all(str(p).split(".")[-1].startswith("array_record") for p in paths):
             raise ValueError(f"{name} split {split!r} was not prepared as array_record ({paths[:1]}); "
                              "rebuild with file_format='array_record' for random access")
-        self._init_args = (split, os.fspath(data_dir) if data_dir else None, name)
-        self._reader = _RecordReader(paths)
-        self._parse = example_pb2.Example.FromString  # a record is a serialized tf.train.Example (~30 µs)
-        self.name, self.split = name, split
-        self.phrases = list(meta["phrase"])
-        self.task_ids = list(meta["task_id"])
-        self.image_keys = [str(i) for i in meta["image_id"]]
+        self._open([os.fspath(p) for p in paths], name, split, list(meta["phrase"]), list(meta["task_id"]),
+                   [str(i) for i in meta["image_id"]])
         if len(self._reader) != len(self.phrases):
             raise ValueError(f"{name}/{split}: {len(self._reader)} records but {len(self.phrases)} index entries")
+
+    def _open(self, paths: list[str], name: str, split: str, phrases: list, task_ids: list, image_keys: list) -> None:
+        self._paths = paths
+        self._reader = _RecordReader(paths)
+        self._parse = _example_parser()  # a record is a serialized tf.train.Example (~30 µs)
+        self.name, self.split = name, split
+        self.phrases, self.task_ids, self.image_keys = phrases, task_ids, image_keys
+
+    @classmethod
+    def _reopen(cls, state: tuple) -> TfdsSource:
+        """The source from `__reduce__`'s state: the record files and index, without TFDS or TensorFlow
+        (a PC+ worker imports neither for it)."""
+        self = cls.__new__(cls)
+        self._open(*state)
+        return self
 
     def _feature(self, features, index: int, key: str):
         """(encoded bytes, name for errors) of one feature of a parsed record."""
         return features[key].bytes_list.value[0], f"{self.name}/{self.split} task {self.task_ids[index]} {key}"
 
     def __reduce__(self):
-        # Pickled by its arguments (PC+ worker processes reopen the records).
-        return (_reopen_class(self, TfdsSource), self._init_args)
+        # Pickled by its files and index (PC+ worker processes reopen the records).
+        cls = _reopen_class(self, TfdsSource)
+        return (cls._reopen, ((self._paths, self.name, self.split, self.phrases, self.task_ids, self.image_keys),))
 
     def encoded(self, index: int) -> tuple[bytes, bytes]:
         """(JPEG bytes, PNG bytes) of task `index` as stored, undecoded (benchmarks time the decode alone)."""

@@ -162,5 +162,21 @@ def test_sources_pickle_by_reference(cached, data_dir):
     np.testing.assert_array_equal(again.read(2)[0], cached.read(2)[0])
     tf_src = TfdsSource("train", data_dir)
     again = pickle.loads(pickle.dumps(tf_src))
-    assert again.phrases == tf_src.phrases
-    np.testing.assert_array_equal(again.read(1)[1], tf_src.read(1)[1])
+    assert again.phrases == tf_src.phrases and again.task_ids == tf_src.task_ids
+    for i in (0, 1, len(tf_src) - 1):
+        for a, b in zip(again.read(i), tf_src.read(i)):
+            np.testing.assert_array_equal(a, b)
+    it = _pipe(tf_src, workers=1).iterator(start_step=2, num_steps=1)
+    _assert_same(next(it), _pipe(tf_src).batch(2))
+    it.close()
+
+
+def test_example_parser_reads_what_tensorflow_reads(data_dir):
+    from tensorflow.core.example import example_pb2
+
+    src = TfdsSource("train", data_dir)
+    for i in range(len(src)):
+        rec = src._reader[i]
+        ours, ref = src._parse(rec).features.feature, example_pb2.Example.FromString(rec).features.feature
+        for key in ("image", "mask"):
+            assert ours[key].bytes_list.value[0] == ref[key].bytes_list.value[0]
