@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
     ap.add_argument("--model-only", action="store_true", help="also time the networks alone (inputs on device)")
+    ap.add_argument("--attention", default="einsum", choices=("einsum", "xla", "cudnn", "auto"),
+                    help="our attention implementation (clipseg_jax.model.clip.set_attention_implementation)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -68,11 +70,11 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
+    from tiny_models import make_model, make_processor, reference_config
     from transformers import CLIPSegForImageSegmentation
 
     import clipseg_jax
     from clipseg_jax.predict import Predictor
-    from tiny_models import make_model, make_processor, reference_config
 
     torch.set_num_threads(args.torch_threads)
     tdev = "cuda" if args.device == "gpu" else "cpu"
@@ -84,7 +86,10 @@ def main() -> None:
     processor = make_processor(Path(tmp.name))
     hf = CLIPSegForImageSegmentation.from_pretrained(ckpt, attn_implementation="sdpa").eval().to(tdev)
     t0 = time.perf_counter()
-    pred = Predictor(clipseg_jax.from_pretrained(ckpt, dtype=getattr(jnp, args.dtype)))
+    from clipseg_jax.model.clip import set_attention_implementation
+
+    model = set_attention_implementation(clipseg_jax.from_pretrained(ckpt, dtype=getattr(jnp, args.dtype)), args.attention)
+    pred = Predictor(model)
     load_s = time.perf_counter() - t0
 
     rng = np.random.default_rng(0)
@@ -152,7 +157,7 @@ def main() -> None:
     results = []
     print(f"# device: jax {jax.devices()[0].device_kind} ({jax.__version__}), torch {torch.__version__} on {tdev} "
           f"({args.torch_threads} threads), {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"dtype {args.dtype}; images {args.height}x{args.width} uint8 in, probabilities out; "
+          f"dtype {args.dtype}; attention {args.attention}; images {args.height}x{args.width} uint8 in, probabilities out; "
           f"ours load {load_s:.1f}s")
     for case in args.cases:
         n, k = map(int, case.split("x"))

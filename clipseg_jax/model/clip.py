@@ -73,6 +73,10 @@ class Attention(nnx.Module):
         self.out_proj = dense(dim, dim, dtype, rngs)
         # Attention-probability dropout: only the decoder uses it (torch TransformerEncoderLayer), in training.
         self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout else None
+        # "einsum" (default): `attention` above. "xla" / "cudnn" / "auto": `jax.nn.dot_product_attention` with
+        # that implementation ("auto" lets JAX pick), for trying fused kernels on accelerators; see
+        # `set_attention_implementation`. Static: part of the graph definition.
+        self.implementation = "einsum"
 
     def __call__(self, x: Array, bias: Array | None = None) -> Array:
         b, n, d = x.shape
@@ -81,9 +85,31 @@ class Attention(nnx.Module):
         # One (d, 3d) matmul instead of three: better use of the matmul kernels, same numbers.
         w = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(self.dtype)
         bias_qkv = jnp.concatenate([p.bias[...] for p in projs]).astype(self.dtype)
-        qkv = (x.astype(self.dtype) @ w + bias_qkv).reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+        qkv = (x.astype(self.dtype) @ w + bias_qkv).reshape(b, n, 3, h, d // h)
+        dropout_active = self.dropout is not None and not self.dropout.deterministic
+        if self.implementation != "einsum" and not dropout_active:
+            impl = None if self.implementation == "auto" else self.implementation
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, head_dim), no transposes
+            o = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                             implementation=impl)
+            return self.out_proj(o.reshape(b, n, d))
+        qkv = qkv.transpose(2, 0, 3, 1, 4)
         o = attention(qkv[0], qkv[1], qkv[2], bias, self.dropout)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, n, d))
+
+
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "auto")
+
+
+def set_attention_implementation(model: nnx.Module, implementation: str) -> nnx.Module:
+    """Switch every `Attention` of `model` (CLIP towers and decoder) to `implementation` (see `Attention`); returns
+    the model. Call it before splitting the model for jit (a `Predictor` splits it when it is made)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
+    for _, module in model.iter_modules():
+        if isinstance(module, Attention):
+            module.implementation = implementation
+    return model
 
 
 class MLP(nnx.Module):
