@@ -74,7 +74,7 @@ def main() -> None:
     from transformers import CLIPSegForImageSegmentation
 
     import clipseg_jax
-    from clipseg_jax.predict import Predictor
+    from clipseg_jax.predict import IMAGE_BUCKETS, PROMPT_BUCKETS, Predictor, _bucket
 
     torch.set_num_threads(args.torch_threads)
     tdev = "cuda" if args.device == "gpu" else "cpu"
@@ -178,8 +178,8 @@ def main() -> None:
               f"({n * k / mh:7.2f} pairs/s)  ratio {mh / mo:5.2f}x  first call {first_s:5.1f}s  max|Δp| {diff:.1e}",
               flush=True)
         if args.model_only:
-            nb = next(b for b in (1, 2, 4, 8, 16, 32, 64) if b >= n) if n <= 64 else n
-            kb = next(b for b in (1, 2, 4, 8, 16, 32, 64) if b >= k) if k <= 64 else k
+            nb = _bucket(n, IMAGE_BUCKETS) if n <= IMAGE_BUCKETS[-1] else n
+            kb = _bucket(k, PROMPT_BUCKETS) if k <= PROMPT_BUCKETS[-1] else k
             mt = model_only(nb, kb)
             best = min(v for name, v in mt.items() if name != "ours")
             r["model_only_s"] = mt

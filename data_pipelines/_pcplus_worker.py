@@ -110,11 +110,11 @@ def main(pipeline: bytes, tasks, results, layout) -> None:
                 # shares with its parent (a set of names): the parent's unlink unregisters it.
                 shm = shared_memory.SharedMemory(name=name)
                 views = {key: np.ndarray(shape, np.uint8, buffer=shm.buf, offset=off) for key, shape, off in layout}
-                slots[name] = (shm, views)
-            views = slots[name][1]
-            by_shape: dict[tuple, list] = {}
-            for key, shape, _ in layout:
-                by_shape.setdefault(tuple(shape), []).append(views[key])
+                by_shape: dict[tuple, list] = {}
+                for key, shape, _ in layout:
+                    by_shape.setdefault(tuple(shape), []).append(views[key])
+                slots[name] = (shm, views, by_shape)
+            _, views, by_shape = slots[name]
             pipe._pool = _SlotPool(by_shape)
             batch = pipe.batch(step)
             # Pixel arrays not built in place (a `batch()` that bypassed the pool) are copied in;

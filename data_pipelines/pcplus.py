@@ -56,6 +56,8 @@ from data_pipelines.sources import Source
 __all__ = ["PCPlus", "PCPlusIterator", "eval_dataset"]
 
 AUTOTUNE = -1  # == tf.data.AUTOTUNE (TensorFlow is imported only where a tf.data.Dataset is built)
+# Recycling buffers by reference count needs the GIL: free-threaded builds have no reliable counts.
+_REFCOUNTS_RELIABLE = getattr(sys, "_is_gil_enabled", lambda: True)()
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pcplus_worker.py")
 
 
@@ -126,8 +128,7 @@ class _ArrayPool:
         # the same code path (interpreter versions count borrowed references differently).
         probe = [_empty_aligned((1,))]
         self._free = self._refs(probe, 0)
-        # Free-threaded builds have no reliable reference counts: no recycling there.
-        self._enabled = getattr(sys, "_is_gil_enabled", lambda: True)()
+        self._enabled = _REFCOUNTS_RELIABLE  # no recycling on free-threaded builds
 
     @staticmethod
     def _refs(arrays: list[np.ndarray], i: int) -> tuple[int, int]:
@@ -591,7 +592,7 @@ class _ProcessBatches:
     def __init__(self, pipeline: PCPlus, start: int, num_steps: int | None):
         import multiprocessing as mp
 
-        if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        if not _REFCOUNTS_RELIABLE:
             raise NotImplementedError("workers > 0 needs reference counts to recycle slots; not on a "
                                       "free-threaded Python build (use workers=0)")
         try:
@@ -608,6 +609,7 @@ class _ProcessBatches:
             self._layout.append((key, shape, off))
             off += -(-int(np.prod(shape)) // 64) * 64  # 64-byte aligned arrays
         self._slot_size = off
+        self._keys = pipeline.output_keys
         self._depth = 2 * pipeline.workers
         _check_shared_memory(off * (self._depth + 2))
         self._slots: list[_Slot] = []
@@ -674,18 +676,12 @@ class _ProcessBatches:
                                  f"PC+ worker failed to start: {payload}")
             self._ready[step] = (self._inflight.pop(step), payload)
         slot, small = self._ready.pop(self._next)
-        batch = dict(zip(slot.keys, slot.arrays))
-        batch.update(small)
-        batch = {k: batch[k] for k in self._keys_in_order(batch)}
+        parts = {**dict(zip(slot.keys, slot.arrays)), **small}
+        batch = {k: parts[k] for k in self._keys}  # the order `batch()` and tf.data give
         slot.busy = False  # reusable once `batch` (and views of it) are gone
         self._next += 1
         self._fill()
         return batch
-
-    @staticmethod
-    def _keys_in_order(batch: dict) -> list[str]:
-        order = PCPlus.OUTPUT_KEYS + ("support_mask",)
-        return [k for k in order if k in batch] + [k for k in batch if k not in order]
 
     def close(self) -> None:
         if self._closed:

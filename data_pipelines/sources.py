@@ -151,9 +151,11 @@ class TfdsSource(Source):
         self._open(*state)
         return self
 
-    def _feature(self, features, index: int, key: str):
-        """(encoded bytes, name for errors) of one feature of a parsed record."""
-        return features[key].bytes_list.value[0], f"{self.name}/{self.split} task {self.task_ids[index]} {key}"
+    def _features(self, index: int, *keys: str) -> list[tuple[bytes, str]]:
+        """(encoded bytes, name for errors) of features of record `index`."""
+        f = self._parse(self._reader[index]).features.feature
+        return [(f[key].bytes_list.value[0], f"{self.name}/{self.split} task {self.task_ids[index]} {key}")
+                for key in keys]
 
     def __reduce__(self):
         # Pickled by its files and index (PC+ worker processes reopen the records).
@@ -162,15 +164,15 @@ class TfdsSource(Source):
 
     def encoded(self, index: int) -> tuple[bytes, bytes]:
         """(JPEG bytes, PNG bytes) of task `index` as stored, undecoded (benchmarks time the decode alone)."""
-        f = self._parse(self._reader[index]).features.feature
-        return self._feature(f, index, "image")[0], self._feature(f, index, "mask")[0]
+        (image, _), (mask, _) = self._features(index, "image", "mask")
+        return image, mask
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        f = self._parse(self._reader[index]).features.feature
-        return decode_image(*self._feature(f, index, "image")), decode_mask(*self._feature(f, index, "mask"))
+        image, mask = self._features(index, "image", "mask")
+        return decode_image(*image), decode_mask(*mask)
 
     def read_mask(self, index: int) -> np.ndarray:
-        return decode_mask(*self._feature(self._parse(self._reader[index]).features.feature, index, "mask"))
+        return decode_mask(*self._features(index, "mask")[0])
 
 
 class OwnDataSource(Source):
