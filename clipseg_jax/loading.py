@@ -43,15 +43,17 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         raise OSError(f"{name}: cannot fetch from the Hugging Face hub ({type(e).__name__}: {e})") from None
 
 
-def from_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32) -> CLIPSeg:
+def from_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32, decoder_dtype=None, seed: int = 0) -> CLIPSeg:
     """Load CLIPSeg from an HF directory (config.json + model.safetensors / pytorch_model.bin), a hub id, or a
-    directory written by `clipseg_jax.weights.store.save` (our orbax format). `dtype` is the compute dtype;
-    parameters stay float32."""
+    directory written by `clipseg_jax.weights.store.save` (our orbax format). `dtype` is the compute dtype of the
+    CLIP towers, `decoder_dtype` the decoder's (default `dtype`); parameters stay float32. `seed` seeds the
+    dropout streams used in `model.train()` mode."""
     path = resolve(name_or_path)
     if store.is_checkpoint(path):
-        return store.load(path, dtype)
+        return store.load(path, dtype, decoder_dtype, seed)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (nor {store.MARKER}): not a CLIPSeg checkpoint directory")
     config = CLIPSegConfig.from_json_file(cfg_file)
-    return hf.model_from_state_dict(hf.read_state_dict(path), config, dtype, source=str(path))
+    return hf.model_from_state_dict(hf.read_state_dict(path), config, dtype, source=str(path),
+                                    decoder_dtype=decoder_dtype, seed=seed)

@@ -69,6 +69,7 @@ import numpy as np
 __all__ = [
     "THRESHOLDS",
     "FixedThresholdMetrics",
+    "threshold_counts",
     "resize_bilinear_align_corners",
     "simpson_avg",
     "confusion_matrix",
@@ -182,10 +183,21 @@ def _count_kernel(probs, targets, valid, thresholds, ty, tx, resize: bool):
     bad = jnp.sum(~((probs >= 0.0) & (probs <= 1.0)), axis=(1, 2)).astype(jnp.int32)
     if resize:
         probs = _resize_with_taps(probs, ty, tx)
+    return threshold_counts(probs, targets, valid, thresholds), bad
+
+
+def threshold_counts(probs, targets, valid=None, thresholds=None) -> jax.Array:
+    """Per-sample tp, fp, fn, tn at each threshold, (B, 4, T) int32, for same-sized probs (B, H, W) float and
+    targets (B, H, W) bool; `valid` (B, H, W) bool leaves pixels out; `thresholds` default: `THRESHOLDS`.
+
+    Traceable (no resize, no checks): for use inside a jitted step, e.g. a trainer's validation, whose counts then
+    go to `FixedThresholdMetrics.add_counts`.
+    """
+    thresholds = jnp.asarray((THRESHOLDS if thresholds is None else thresholds), jnp.float32)
     B = probs.shape[0]
-    p = probs.reshape(B, 1, -1)
-    g = targets.reshape(B, 1, -1)
-    v = valid.reshape(B, 1, -1)
+    p = probs.astype(jnp.float32).reshape(B, 1, -1)
+    g = targets.astype(bool).reshape(B, 1, -1)
+    v = jnp.ones_like(g) if valid is None else valid.reshape(B, 1, -1)
     fg = p > thresholds.reshape(1, -1, 1)  # (B, T, N)
     pos = g & v
     neg = (~g) & v
@@ -195,7 +207,7 @@ def _count_kernel(probs, targets, valid, thresholds, ty, tx, resize: bool):
     n_neg = jnp.sum(neg, axis=2, dtype=jnp.int32)
     fn = n_pos - tp
     tn = n_neg - fp
-    return jnp.stack([tp, fp, fn, tn], axis=1), bad
+    return jnp.stack([tp, fp, fn, tn], axis=1)
 
 
 def simpson_avg(y, x) -> float:
@@ -349,6 +361,20 @@ class FixedThresholdMetrics:
             jnp.asarray(probs), jnp.asarray(tgt_b), jnp.asarray(valid), self._thr32, ty, tx, resize=resize
         )
         self._pending.append((counts, bad, cls, self._n_add))
+        if len(self._pending) >= 32:
+            self._flush()
+
+    def add_counts(self, counts, class_ids) -> None:
+        """Add per-sample counts computed elsewhere (`threshold_counts` at this metric's thresholds):
+        counts (B, 4, T) integers in the order tp, fp, fn, tn; class_ids (B,)."""
+        c = np.asarray(counts)
+        cls = np.asarray(class_ids)
+        if c.ndim != 3 or c.shape[1:] != (4, len(self.thresholds)):
+            raise ValueError(f"add_counts: counts must have shape (B, 4, {len(self.thresholds)}), got {c.shape}")
+        if cls.shape != (c.shape[0],):
+            raise ValueError(f"add_counts: class_ids must have shape ({c.shape[0]},), got {cls.shape}")
+        self._n_add += 1
+        self._pending.append((c, np.zeros(len(cls), np.int32), cls, self._n_add))
         if len(self._pending) >= 32:
             self._flush()
 

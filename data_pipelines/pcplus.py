@@ -186,6 +186,8 @@ class PCPlus:
         `support_image` is the raw support square and `support_mask` its mask; render them in
         the jitted step with `clipseg_jax.prompts_jax.render_visual_prompts_jax` (takes the
         largest per-sample cost off the input host).
+      with_visual: False: no visual supports are built (text-prompt training, the original's
+        `with_visual=False`): `support_valid` is all False and the support arrays are zeros.
       workers: 0 (default): `iterator()` runs tf.data's threads in this process, which share one
         GIL (≈ 1.3x from 2 threads on 2 cores). N > 0: `iterator()` builds batches in N worker
         processes instead (one core each, no shared GIL), written into shared memory and handed
@@ -215,6 +217,7 @@ class PCPlus:
         prefetch: int | None = None,
         support_render: str = "host",
         workers: int = 0,
+        with_visual: bool = True,
     ):
         if visual_prompt_mode not in VISUAL_PROMPT_MODES:
             raise ValueError(f"unknown visual_prompt_mode {visual_prompt_mode!r}; expected one of {VISUAL_PROMPT_MODES}")
@@ -260,6 +263,7 @@ class PCPlus:
         self.prefetch = prefetch
         self.support_render = support_render
         self.workers = int(workers)
+        self.with_visual = bool(with_visual)
         self.num_tasks = n
         # Hosts take the same number of slots per epoch (n // P); the n % P left-over slots of the
         # permutation change every epoch, so no task is dropped systematically.
@@ -429,7 +433,7 @@ class PCPlus:
             self._query(int(p["task"][i]), p["crop_u"][i], image[i], mask[i])
             if p["negative"][i]:
                 mask[i] = 0
-            if p["has_support"][i]:
+            if self.with_visual and p["has_support"][i]:
                 st, u = int(p["support_task"][i]), p["support_crop_u"][i]
                 if device:  # the raw support square and its mask; rendered in the jitted step
                     self._query(st, u, support[i], support_mask[i])

@@ -273,6 +273,56 @@ class OwnDataSource(Source):
         return decode_mask(np.fromfile(self._masks[index], np.uint8), self._masks[index])
 
 
+class SubsetSource(Source):
+    """Tasks `indices` of `source`, in that order (a held-out part, the first N tasks, ...)."""
+
+    def __init__(self, source: Source, indices: Sequence[int]):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+        if len(self.indices) and not (0 <= self.indices.min() and self.indices.max() < len(source)):
+            raise ValueError(f"SubsetSource: indices outside 0..{len(source) - 1}")
+        self.phrases = [source.phrases[i] for i in self.indices]
+        self.image_keys = [source.image_keys[i] for i in self.indices]
+        self.pre_resized = source.pre_resized
+        if getattr(source, "crop_cumsum", None) is None:
+            self.crop_cumsum = None  # PCPlus then computes the crop profile from the mask
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.read(int(self.indices[index]))
+
+    def read_mask(self, index: int) -> np.ndarray:
+        return self.source.read_mask(int(self.indices[index]))
+
+    def crop_cumsum(self, index: int) -> np.ndarray:
+        return self.source.crop_cumsum(int(self.indices[index]))
+
+
+def held_out_split(source: Source, fraction: float = 0.1, relative_to: str | os.PathLike | None = None
+                   ) -> tuple[SubsetSource, SubsetSource]:
+    """(train, held-out) parts of `source`, split by image: an image is held out when a hash of its key (made
+    relative to `relative_to`, so moving the folder changes nothing) falls below `fraction`. Deterministic,
+    independent of the task order, and stable when images are added. At least one image goes to each part."""
+    import hashlib
+
+    keys = sorted(set(source.image_keys))
+    if len(keys) < 2:
+        raise ValueError(f"cannot hold out {fraction:.0%} of the images: the data has {len(keys)} image(s)")
+
+    def h(key: str) -> float:
+        k = os.path.relpath(key, relative_to) if relative_to is not None else key
+        return int(hashlib.sha256(k.encode()).hexdigest()[:12], 16) / 16**12
+
+    score = {k: h(k) for k in keys}
+    held = {k for k in keys if score[k] < fraction}
+    ranked = sorted(keys, key=score.get)
+    if not held:
+        held = {ranked[0]}
+    if len(held) == len(keys):
+        held.discard(ranked[-1])
+    is_held = np.array([k in held for k in source.image_keys])
+    return SubsetSource(source, np.flatnonzero(~is_held)), SubsetSource(source, np.flatnonzero(is_held))
+
+
 CACHE_FORMAT = 3
 
 

@@ -227,6 +227,45 @@ def generate(
     return out
 
 
+def prepare(data_dir: str | os.PathLike, train_images: int = 1500, val_images: int = 150, min_size: int = 96,
+            max_size: int = 160, seed: int = 0) -> Path:
+    """The synthetic dataset as a prepared `phrasecut` TFDS dataset under `data_dir` (returns the TFDS data_dir).
+
+    On first use writes `data_dir/VGPhraseCut_v0` (`generate`) and builds the TFDS dataset into `data_dir/tfds`;
+    later calls with the same arguments reuse it (`data_dir/synthetic.json` records them; other arguments are an
+    error naming that file). Safe for several processes at once (a file lock serialises them).
+    """
+    import fcntl
+
+    root = Path(data_dir).expanduser().absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    params = {"train_images": int(train_images), "val_images": int(val_images), "min_size": int(min_size),
+              "max_size": int(max_size), "seed": int(seed), "version": 1}
+    marker = root / "synthetic.json"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            found = json.loads(marker.read_text())
+            if found != params:
+                raise ValueError(f"{marker}: this directory holds the synthetic dataset {found}, not {params}; "
+                                 f"choose another data_dir or remove it")
+            return root / "tfds"
+        import shutil as _shutil
+
+        from data_pipelines import phrasecut
+
+        for d in (root / "VGPhraseCut_v0", root / "tfds"):  # left over by an interrupted first use
+            _shutil.rmtree(d, ignore_errors=True)
+        # A few test/miniv images: the TFDS builder wants every split non-empty.
+        counts = {"train": params["train_images"], "val": params["val_images"], "test": 4, "miniv": 4}
+        generate(root / "VGPhraseCut_v0", counts, min_size, max_size, seed)
+        phrasecut.build(root / "VGPhraseCut_v0", root / "tfds")
+        tmp = marker.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(params, indent=1) + "\n")
+        os.replace(tmp, marker)
+    return root / "tfds"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output VGPhraseCut_v0 directory")

@@ -7,6 +7,7 @@ uint8 ``Predictor``.  Batches are padded to a fixed size so each shape compiles 
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -20,6 +21,35 @@ def _pad_batch(x: np.ndarray, n: int) -> np.ndarray:
         return x
     pad = np.repeat(x[-1:], n - len(x), axis=0)
     return np.concatenate([x, pad], axis=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef):
+    """The jitted model calls for one model structure. Cached, so every Engine over the same structure (a trainer's
+    periodic validation, several protocols in one process) reuses one compilation per input shape."""
+
+    def text_fn(state, px, ids, mask):
+        m = nnx.merge(graphdef, state)
+        return jax.nn.sigmoid(m(px, input_ids=ids, attention_mask=mask).logits.astype(jnp.float32))
+
+    def visual_fn(state, px, spx):
+        m = nnx.merge(graphdef, state)
+        return jax.nn.sigmoid(m(px, conditional_pixel_values=spx).logits.astype(jnp.float32))
+
+    def text_emb_fn(state, ids, mask):
+        m = nnx.merge(graphdef, state)
+        return m.get_text_features(ids, mask).astype(jnp.float32)
+
+    def multi_fn(state, px, cond):
+        m = nnx.merge(graphdef, state)
+        acts = m.encode_image(px)
+        k = cond.shape[0]
+        n = px.shape[0]
+        c = jnp.tile(cond, (n, 1))  # prompt-major within each image
+        logits = m.decode(acts, c, prompts_per_image=k).astype(jnp.float32)
+        return jax.nn.sigmoid(logits).reshape(n, k, *logits.shape[1:])
+
+    return jax.jit(text_fn), jax.jit(visual_fn), jax.jit(text_emb_fn), jax.jit(multi_fn)
 
 
 class Engine:
@@ -36,32 +66,7 @@ class Engine:
         self.batch_size = int(batch_size)
         graphdef, state = nnx.split(model)
         self._state = state
-
-        def text_fn(state, px, ids, mask):
-            m = nnx.merge(graphdef, state)
-            return jax.nn.sigmoid(m(px, input_ids=ids, attention_mask=mask).logits.astype(jnp.float32))
-
-        def visual_fn(state, px, spx):
-            m = nnx.merge(graphdef, state)
-            return jax.nn.sigmoid(m(px, conditional_pixel_values=spx).logits.astype(jnp.float32))
-
-        def text_emb_fn(state, ids, mask):
-            m = nnx.merge(graphdef, state)
-            return m.get_text_features(ids, mask).astype(jnp.float32)
-
-        def multi_fn(state, px, cond):
-            m = nnx.merge(graphdef, state)
-            acts = m.encode_image(px)
-            k = cond.shape[0]
-            n = px.shape[0]
-            c = jnp.tile(cond, (n, 1))  # prompt-major within each image
-            logits = m.decode(acts, c, prompts_per_image=k).astype(jnp.float32)
-            return jax.nn.sigmoid(logits).reshape(n, k, *logits.shape[1:])
-
-        self._text = jax.jit(text_fn)
-        self._visual = jax.jit(visual_fn)
-        self._text_emb = jax.jit(text_emb_fn)
-        self._multi = jax.jit(multi_fn)
+        self._text, self._visual, self._text_emb, self._multi = _compiled(graphdef)
 
     @classmethod
     def load(cls, checkpoint: str, dtype: str = "float32", batch_size: int = 8) -> "Engine":

@@ -45,11 +45,12 @@ def dense(n_in: int, n_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = True) -
     return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
 
-def attention(q: Array, k: Array, v: Array, bias: Array | None = None, dropout: nnx.Dropout | None = None) -> Array:
+def attention(q: Array, k: Array, v: Array, bias: Array | None = None, dropout=None) -> Array:
     """Softmax attention on heads-major (B, heads, L, head_dim) tensors; scores and softmax in float32 like HF.
 
     Heads-major einsums are ~2x faster on XLA:CPU than `jax.nn.dot_product_attention` (which works on (B, L, heads,
     head_dim) and materialises transposes around its batched matmuls) and on par with torch's fused CPU kernel.
+    `dropout`: None, or a callable applied to the attention probabilities (training).
     """
     scale = q.shape[-1] ** -0.5
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
@@ -78,7 +79,9 @@ class Attention(nnx.Module):
         # `set_attention_implementation`. Static: part of the graph definition.
         self.implementation = "einsum"
 
-    def __call__(self, x: Array, bias: Array | None = None) -> Array:
+    def __call__(self, x: Array, bias: Array | None = None, dropout_key: Array | None = None) -> Array:
+        """`dropout_key`: a PRNG key turns on the attention-probability dropout (if the layer has one) with that
+        key, whatever the module's train/eval mode; None keeps the mode's behaviour."""
         b, n, d = x.shape
         h = self.num_heads
         projs = (self.q_proj, self.k_proj, self.v_proj)
@@ -86,15 +89,19 @@ class Attention(nnx.Module):
         w = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(self.dtype)
         bias_qkv = jnp.concatenate([p.bias[...] for p in projs]).astype(self.dtype)
         qkv = (x.astype(self.dtype) @ w + bias_qkv).reshape(b, n, 3, h, d // h)
-        dropout_active = self.dropout is not None and not self.dropout.deterministic
-        if self.implementation != "einsum" and not dropout_active:
+        drop = None
+        if self.dropout is not None and dropout_key is not None:
+            drop = functools.partial(self.dropout, deterministic=False, rngs=dropout_key)
+        elif self.dropout is not None and not self.dropout.deterministic:
+            drop = self.dropout
+        if self.implementation != "einsum" and drop is None:
             impl = None if self.implementation == "auto" else self.implementation
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, head_dim), no transposes
             o = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
                                              implementation=impl)
             return self.out_proj(o.reshape(b, n, d))
         qkv = qkv.transpose(2, 0, 3, 1, 4)
-        o = attention(qkv[0], qkv[1], qkv[2], bias, self.dropout)
+        o = attention(qkv[0], qkv[1], qkv[2], bias, drop)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 

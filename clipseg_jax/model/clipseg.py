@@ -24,18 +24,34 @@ class CLIPSegOutput:
     pooled_output: Array | None = None  # (B, projection_dim): visual_projection(post_layernorm(CLS)), on request
 
 
-class CLIPSeg(nnx.Module):
-    """`transformers.CLIPSegForImageSegmentation` in Flax NNX (NHWC). Parameters are named as the HF state dict."""
+def seed_dropout(model: nnx.Module, seed: int) -> nnx.Module:
+    """Give every dropout module of `model` its own RNG stream derived from `seed` (the streams `model.train()`
+    draws from); returns the model."""
+    tags = {s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)}
+    if tags:
+        nnx.reseed(model, **{t: int(seed) for t in tags})
+    return model
 
-    def __init__(self, config: CLIPSegConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+
+class CLIPSeg(nnx.Module):
+    """`transformers.CLIPSegForImageSegmentation` in Flax NNX (NHWC). Parameters are named as the HF state dict.
+
+    `dtype` is the compute dtype of the CLIP towers, `decoder_dtype` that of the decoder (default: `dtype`).
+    Parameters are float32 whatever the compute dtypes. Training runs the frozen towers in bfloat16 and the
+    decoder in float32 (`decoder_dtype=jnp.float32`).
+    """
+
+    def __init__(self, config: CLIPSegConfig, *, dtype=jnp.float32, decoder_dtype=None,
+                 rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
+        self.decoder_dtype = dtype if decoder_dtype is None else decoder_dtype
         self.clip = CLIPModel(
             config.text_config, config.vision_config, config.projection_dim, config.logit_scale_init_value,
             dtype=dtype, rngs=rngs,
         )
-        self.decoder = CLIPSegDecoder(config, dtype=dtype, rngs=rngs)
+        self.decoder = CLIPSegDecoder(config, dtype=self.decoder_dtype, rngs=rngs)
 
     # -- the pieces, for callers that reuse one image encoding for many prompts ---------------------------
     def encode_image(self, pixel_values: Array) -> list[Array]:
@@ -50,8 +66,12 @@ class CLIPSeg(nnx.Module):
         """Visual-prompt embedding: projected post-LN class token of the (rendered) prompt image."""
         return self.clip.get_image_features(pixel_values.astype(self.dtype))
 
-    def decode(self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1) -> Array:
-        return self.decoder(activations, conditional_embeddings.astype(self.dtype), prompts_per_image)
+    def decode(self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1,
+               dropout_key: Array | None = None) -> Array:
+        """Logits (N*K, H, W) of each image's K prompts; `dropout_key` turns on train-mode dropout (see
+        `CLIPSegDecoder`)."""
+        return self.decoder(activations, conditional_embeddings.astype(self.decoder_dtype), prompts_per_image,
+                            dropout_key)
 
     # -- the HF-shaped forward ---------------------------------------------------------------------------
     def __call__(

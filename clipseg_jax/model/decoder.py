@@ -3,6 +3,7 @@ transformer layers, and the plain or refined ("complex") transposed-convolution 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -16,26 +17,64 @@ from clipseg_jax.model.clip import MLP, Attention, dense, layer_norm
 Array = jax.Array
 
 
+def _uniform_(var: nnx.Param, key: Array, bound: float) -> None:
+    var[...] = jax.random.uniform(key, var.shape, var.dtype, -bound, bound)
+
+
+def _torch_default_init_(layer: nnx.Linear | nnx.Conv, rngs: nnx.Rngs) -> None:
+    """torch's default init of nn.Linear / nn.Conv2d (kaiming_uniform(a=sqrt(5))): weight and bias
+    U(±1/sqrt(fan_in)), fan_in = in_features * kernel area."""
+    bound = 1.0 / math.sqrt(math.prod(layer.kernel.shape[:-1]))
+    _uniform_(layer.kernel, rngs.params(), bound)
+    _uniform_(layer.bias, rngs.params(), bound)
+
+
+def torch_linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear initialised like torch's `nn.Linear`."""
+    lin = dense(n_in, n_out, dtype, rngs)
+    _torch_default_init_(lin, rngs)
+    return lin
+
+
+def _with_key(dropout: nnx.Dropout, key: Array | None):
+    """`dropout` in train mode drawing its mask from `key`; without a key, as the module's mode says."""
+    return dropout if key is None else functools.partial(dropout, deterministic=False, rngs=key)
+
+
 class DecoderLayer(nnx.Module):
     """torch `TransformerEncoderLayer` defaults (post-LN, ReLU MLP): LN1(x + attn(x)), then LN2(x + mlp(x)).
 
-    Dropout sits where torch puts it (attention probabilities, after attention, after the ReLU, after the MLP) and
-    is active only in train mode (`model.train()`).
+    Dropout sits where torch puts it (attention probabilities, after attention, after the ReLU, after the MLP). It
+    is active when a `dropout_key` is passed (the trainer: masks are a function of that key) or, without one, in
+    the module's train mode (`model.train()`, masks from the modules' own RNG streams).
+    Initialised like the original's `nn.TransformerEncoderLayer`: q/k/v xavier-uniform over the packed (3d, d)
+    `in_proj_weight` with zero bias, out_proj torch-Linear weight with zero bias, MLP torch-Linear.
     """
 
     def __init__(self, dim: int, heads: int, hidden: int, eps: float, dropout: float, *, dtype, rngs: nnx.Rngs):
         self.self_attn = Attention(dim, heads, dtype=dtype, dropout=dropout, rngs=rngs)
+        a = self.self_attn
+        for proj in (a.q_proj, a.k_proj, a.v_proj):
+            _uniform_(proj.kernel, rngs.params(), math.sqrt(6.0 / (dim + 3 * dim)))
+            proj.bias[...] = jnp.zeros_like(proj.bias[...])
+        _uniform_(a.out_proj.kernel, rngs.params(), 1.0 / math.sqrt(dim))
+        a.out_proj.bias[...] = jnp.zeros_like(a.out_proj.bias[...])
         self.layer_norm1 = layer_norm(dim, eps, dtype, rngs)
         self.mlp = MLP(dim, hidden, "relu", dtype=dtype, rngs=rngs)
+        _torch_default_init_(self.mlp.fc1, rngs)
+        _torch_default_init_(self.mlp.fc2, rngs)
         self.layer_norm2 = layer_norm(dim, eps, dtype, rngs)
         self.dropout1 = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
         self.dropout_act = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
         self.dropout2 = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
 
-    def __call__(self, x: Array) -> Array:
-        x = self.layer_norm1(x + self.dropout1(self.self_attn(x)))
-        h = self.mlp.fc2(self.dropout_act(jax.nn.relu(self.mlp.fc1(x))))
-        return self.layer_norm2(x + self.dropout2(h))
+    def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
+        keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
+        drop1, drop_act, drop2 = (_with_key(m, k) for m, k in
+                                  zip((self.dropout1, self.dropout_act, self.dropout2), keys[1:]))
+        x = self.layer_norm1(x + drop1(self.self_attn(x, dropout_key=keys[0])))
+        h = self.mlp.fc2(drop_act(jax.nn.relu(self.mlp.fc1(x))))
+        return self.layer_norm2(x + drop2(h))
 
 
 class PatchTransposedConv(nnx.Module):
@@ -73,9 +112,10 @@ class CLIPSegDecoder(nnx.Module):
         self.conditional_layer = cfg.conditional_layer
         # Pairs decoded together per step on CPU (see __call__); None = all at once.
         self.pair_chunk: int | None = 1
-        self.film_mul = dense(cfg.projection_dim, d, dtype, rngs)
-        self.film_add = dense(cfg.projection_dim, d, dtype, rngs)
-        self.reduces = nnx.List([dense(v.hidden_size, d, dtype, rngs) for _ in cfg.extract_layers])
+        # Initialised like the original's torch modules (a freshly trained decoder starts where the paper's did).
+        self.film_mul = torch_linear(cfg.projection_dim, d, dtype, rngs)
+        self.film_add = torch_linear(cfg.projection_dim, d, dtype, rngs)
+        self.reduces = nnx.List([torch_linear(v.hidden_size, d, dtype, rngs) for _ in cfg.extract_layers])
         self.layers = nnx.List(
             [
                 DecoderLayer(
@@ -87,9 +127,11 @@ class CLIPSegDecoder(nnx.Module):
         )
         if cfg.use_complex_transposed_convolution:
             k = v.patch_size // 4
+            conv = nnx.Conv(d, d, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
+            _torch_default_init_(conv, rngs)
             self.transposed_convolution = nnx.List(
                 [
-                    nnx.Conv(d, d, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs),
+                    conv,
                     ReLU(),
                     PatchTransposedConv(d, d // 2, k, dtype=dtype, rngs=rngs),
                     ReLU(),
@@ -104,14 +146,14 @@ class CLIPSegDecoder(nnx.Module):
         applied once per image and then repeated for every prompt of that image."""
         return [r(a) for a, r in zip(activations[::-1], self.reduces)]
 
-    def _per_pair(self, reduced: Sequence[Array], conditional_embeddings: Array) -> Array:
+    def _per_pair(self, reduced: Sequence[Array], conditional_embeddings: Array, dropout_key: Array | None = None) -> Array:
         """FiLM, transformer layers and head for a batch of (image, condition) pairs; reduced: deepest first."""
         out = None
         for i, (a, layer) in enumerate(zip(reduced, self.layers)):
             out = a if out is None else a + out
             if i == self.conditional_layer:
                 out = self.film_mul(conditional_embeddings)[:, None] * out + self.film_add(conditional_embeddings)[:, None]
-            out = layer(out)
+            out = layer(out, None if dropout_key is None else jax.random.fold_in(dropout_key, i))
         tokens = out[:, 1:]
         b, n, d = tokens.shape
         side = math.isqrt(n)
@@ -128,17 +170,21 @@ class CLIPSegDecoder(nnx.Module):
             x = head(x)
         return x[..., 0]
 
-    def __call__(self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1) -> Array:
+    def __call__(self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1,
+                 dropout_key: Array | None = None) -> Array:
         """activations: per extract layer (N, 1+h*w, width) in extract_layers order; conditional_embeddings:
-        (N*prompts_per_image, projection_dim), prompt-major within each image. Returns logits (N*K, H, W)."""
+        (N*prompts_per_image, projection_dim), prompt-major within each image. Returns logits (N*K, H, W).
+
+        `dropout_key`: train-mode dropout with masks drawn from this key (layer i uses fold_in(key, i)); None: as
+        the modules' mode says (eval by default)."""
         red = self.reduce(activations)
         if prompts_per_image > 1:
             red = [jnp.repeat(r, prompts_per_image, axis=0) for r in red]
         b = conditional_embeddings.shape[0]
         chunk = self.pair_chunk
-        training = not self.layers[0].dropout1.deterministic
+        training = dropout_key is not None or not self.layers[0].dropout1.deterministic
         if chunk is None or training or b <= chunk or jax.default_backend() != "cpu":
-            return self._per_pair(red, conditional_embeddings)
+            return self._per_pair(red, conditional_embeddings, dropout_key)
         # On CPU the decoder is memory-bound: (pairs, 4 heads, 485, 485) scores and (pairs, 485, 2048) MLP
         # activations fall out of cache. Looping over small groups of pairs keeps them in cache (~4x faster);
         # on accelerators one batched pass is better.

@@ -26,7 +26,7 @@ from flax import nnx
 
 from clipseg_jax._io import atomic_directory
 from clipseg_jax.config import CLIPSegConfig
-from clipseg_jax.model.clipseg import CLIPSeg
+from clipseg_jax.model.clipseg import CLIPSeg, seed_dropout
 
 # Buffers and never-used weights that appear in some published files.
 IGNORED_KEYS = ("clip.text_model.embeddings.position_ids", "clip.vision_model.embeddings.position_ids")
@@ -56,29 +56,31 @@ def to_hf(leaf: str, w: np.ndarray) -> np.ndarray:
     return w
 
 
-def abstract_model(config: CLIPSegConfig, dtype=jnp.float32) -> CLIPSeg:
+def abstract_model(config: CLIPSegConfig, dtype=jnp.float32, decoder_dtype=None) -> CLIPSeg:
     """The model with shapes only (no random init of 150M parameters)."""
-    return nnx.eval_shape(lambda: CLIPSeg(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: CLIPSeg(config, dtype=dtype, decoder_dtype=decoder_dtype, rngs=nnx.Rngs(0)))
 
 
 def _materialize_non_params(state: nnx.State) -> nnx.State:
     def make(x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
+            return jax.random.key(0)  # placeholder: reseeded (one distinct stream per module) after the merge
         return jnp.zeros(x.shape, x.dtype)
 
     return jax.tree.map(make, state)
 
 
 def model_from_state_dict(
-    state_dict: Mapping[str, np.ndarray], config: CLIPSegConfig, dtype=jnp.float32, source: str = "checkpoint"
+    state_dict: Mapping[str, np.ndarray], config: CLIPSegConfig, dtype=jnp.float32, source: str = "checkpoint",
+    decoder_dtype=None, seed: int = 0,
 ) -> CLIPSeg:
     """Build a `CLIPSeg` from an HF-named state dict (numpy arrays). Parameters are stored in float32.
 
     A missing key or a shape mismatch raises one ValueError naming the key and both shapes; keys the model does not
     have (other than known buffers) are an error too, since they mean the config does not match the weights.
+    `seed` seeds the dropout RNG streams (each dropout module gets its own stream), used in `model.train()` mode.
     """
-    graphdef, params, rest = nnx.split(abstract_model(config, dtype), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract_model(config, dtype, decoder_dtype), nnx.Param, ...)
     flat = nnx.to_flat_state(params)
     leaves, used = [], set()
     for path, var in flat:
@@ -98,7 +100,8 @@ def model_from_state_dict(
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         raise ValueError(f"{source}: unexpected keys {extra[:5]}{more}: the config does not match these weights")
     params = nnx.from_flat_state(leaves)
-    return nnx.merge(graphdef, params, _materialize_non_params(rest))
+    model = nnx.merge(graphdef, params, _materialize_non_params(rest))
+    return seed_dropout(model, seed)
 
 
 def _torch_shape(leaf: str, shape: tuple) -> tuple:

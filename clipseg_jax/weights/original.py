@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_torch_state_dict", "original_to_hf", "hf_to_original"]
+__all__ = ["load_torch_state_dict", "openai_clip_to_hf", "original_to_hf", "hf_to_original"]
 
 # Entries of OpenAI's TorchScript archive that are not weights (``clip.model.build_model`` deletes them).
 _CLIP_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -178,23 +178,11 @@ def _split_merged(decoder_sd: Mapping[str, Any], clip_sd: Mapping[str, Any] | No
     return dec, clip
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# original -> HF
-# ----------------------------------------------------------------------------------------------------------------------
-def original_to_hf(
-    decoder_sd: Mapping[str, Any],
-    clip_sd: Mapping[str, Any] | None = None,
-    *,
-    extract_layers: tuple[int, ...] | list[int] | None = None,
-) -> tuple[dict[str, np.ndarray], dict]:
-    """Original decoder + OpenAI CLIP state dicts -> (HF ``CLIPSegForImageSegmentation`` state dict, HF config dict).
-
-    ``decoder_sd`` may also be a merged full ``CLIPDensePredT`` state dict (``clip_model.*`` keys), then ``clip_sd`` is
-    omitted. ``reduce.*`` (created but never used by the original model) and ``model.*`` duplicates are dropped.
-    ``extract_layers`` defaults to [3, 6, 9] (all released checkpoints); it cannot be inferred from the weights.
-    """
-    dec_raw, clip_raw = _split_merged(decoder_sd, clip_sd)
-    dec, clip = _Source(dec_raw, "decoder state dict"), _Source(clip_raw, "CLIP state dict")
+def openai_clip_to_hf(clip_sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    """OpenAI CLIP state dict (``clip.load(...)[0].state_dict()``) -> (the ``clip.*`` keys of an HF CLIPSeg state
+    dict, ``{"projection_dim", "text_config", "vision_config"}`` of its HF config). Sizes are inferred like
+    OpenAI's ``build_model``."""
+    clip = _Source({k: v for k, v in clip_sd.items() if k not in _CLIP_META_KEYS}, "CLIP state dict")
     out: dict[str, np.ndarray] = {}
 
     # --- CLIP sizes, inferred like OpenAI's build_model ---------------------------------------------------------------
@@ -238,6 +226,60 @@ def original_to_hf(
     out["clip.text_projection.weight"] = clip.get("text_projection", (tw, proj_dim)).T.copy()
     out["clip.logit_scale"] = clip.get("logit_scale", ())
     clip.check_all_used()
+
+    config = {
+        "projection_dim": proj_dim,
+        "text_config": {
+            "vocab_size": vocab,
+            "hidden_size": tw,
+            "intermediate_size": t_mlp,
+            "num_hidden_layers": t_layers,
+            "num_attention_heads": tw // _OPENAI_HEAD_WIDTH,
+            "max_position_embeddings": ctx,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "attention_dropout": 0.0,
+            # CIDAS values: eos_token_id == 2 selects HF's legacy argmax(input_ids) pooling, as in the original CLIP.
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+        "vision_config": {
+            "hidden_size": vw,
+            "intermediate_size": v_mlp,
+            "num_hidden_layers": v_layers,
+            "num_attention_heads": vw // _OPENAI_HEAD_WIDTH,
+            "num_channels": n_ch,
+            "image_size": grid * patch,
+            "patch_size": patch,  # must be explicit: CLIPSegVisionConfig defaults to 32
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "attention_dropout": 0.0,
+        },
+    }
+    return out, config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# original -> HF
+# ----------------------------------------------------------------------------------------------------------------------
+def original_to_hf(
+    decoder_sd: Mapping[str, Any],
+    clip_sd: Mapping[str, Any] | None = None,
+    *,
+    extract_layers: tuple[int, ...] | list[int] | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Original decoder + OpenAI CLIP state dicts -> (HF ``CLIPSegForImageSegmentation`` state dict, HF config dict).
+
+    ``decoder_sd`` may also be a merged full ``CLIPDensePredT`` state dict (``clip_model.*`` keys), then ``clip_sd`` is
+    omitted. ``reduce.*`` (created but never used by the original model) and ``model.*`` duplicates are dropped.
+    ``extract_layers`` defaults to [3, 6, 9] (all released checkpoints); it cannot be inferred from the weights.
+    """
+    dec_raw, clip_raw = _split_merged(decoder_sd, clip_sd)
+    dec = _Source(dec_raw, "decoder state dict")
+    out, clip_config = openai_clip_to_hf(clip_raw)
+    vw, patch = clip_config["vision_config"]["hidden_size"], clip_config["vision_config"]["patch_size"]
+    v_layers, proj_dim = clip_config["vision_config"]["num_hidden_layers"], clip_config["projection_dim"]
 
     # --- decoder ------------------------------------------------------------------------------------------------------
     rd = dec.shape("reduces.0.weight")[0]
@@ -293,7 +335,6 @@ def original_to_hf(
     dec.check_all_used(ignore=("reduce.",))
 
     config = {
-        "projection_dim": proj_dim,
         "logit_scale_init_value": 2.6592,  # init only; the trained value is clip.logit_scale in the state dict
         "extract_layers": [int(i) for i in layers],
         "reduce_dim": rd,
@@ -303,33 +344,7 @@ def original_to_hf(
         "decoder_intermediate_size": d_mlp,
         "conditional_layer": 0,
         "use_complex_transposed_convolution": refined,
-        "text_config": {
-            "vocab_size": vocab,
-            "hidden_size": tw,
-            "intermediate_size": t_mlp,
-            "num_hidden_layers": t_layers,
-            "num_attention_heads": tw // _OPENAI_HEAD_WIDTH,
-            "max_position_embeddings": ctx,
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5,
-            "attention_dropout": 0.0,
-            # CIDAS values: eos_token_id == 2 selects HF's legacy argmax(input_ids) pooling, as in the original CLIP.
-            "pad_token_id": 1,
-            "bos_token_id": 0,
-            "eos_token_id": 2,
-        },
-        "vision_config": {
-            "hidden_size": vw,
-            "intermediate_size": v_mlp,
-            "num_hidden_layers": v_layers,
-            "num_attention_heads": vw // _OPENAI_HEAD_WIDTH,
-            "num_channels": n_ch,
-            "image_size": grid * patch,
-            "patch_size": patch,  # must be explicit: CLIPSegVisionConfig defaults to 32
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5,
-            "attention_dropout": 0.0,
-        },
+        **clip_config,
     }
     return out, config
 

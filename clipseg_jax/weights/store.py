@@ -79,8 +79,9 @@ def read_config(path: str | os.PathLike) -> CLIPSegConfig:
         raise ValueError(f"{marker}: bad 'config' ({e})") from None
 
 
-def load(path: str | os.PathLike, dtype=jnp.float32) -> CLIPSeg:
-    """Load our checkpoint; shape mismatches name the parameter and both shapes."""
+def load(path: str | os.PathLike, dtype=jnp.float32, decoder_dtype=None, seed: int = 0) -> CLIPSeg:
+    """Load our checkpoint; shape mismatches name the parameter and both shapes (dtypes and seed: see
+    `hf.model_from_state_dict`)."""
     path = Path(path).absolute()
     config = read_config(path)
     with ocp.StandardCheckpointer() as ckptr:
@@ -98,4 +99,4 @@ def load(path: str | os.PathLike, dtype=jnp.float32) -> CLIPSeg:
                 flat[hf.hf_key(prefix + (k,))] = hf.to_hf(k, np.asarray(v))
 
     walk(tree, ())
-    return hf.model_from_state_dict(flat, config, dtype, source=str(path))
+    return hf.model_from_state_dict(flat, config, dtype, source=str(path), decoder_dtype=decoder_dtype, seed=seed)
