@@ -6,6 +6,7 @@
     python main.py convert --original-decoder rd64-uni.pth --clip-weights ViT-B-16.pt --out ckpt/
     python main.py compare --checkpoint hf_dir/                                            (ours vs PyTorch)
     python main.py eval --checkpoint ckpt/ --dataset phrasecut --data-dir DIR --output metrics.json
+    python main.py train --config configs/rd64_uni.py --workdir runs/rd64 [--config.key=value ...]
 """
 
 from __future__ import annotations
@@ -57,13 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+
+    tr = sub.add_parser("train", help="train (or resume) CLIPSeg; overrides: --config.key=value",
+                        epilog="e.g. --config.data.batch_size=32 --config.mesh.fsdp=2 --config.total_steps=1000")
+    tr.add_argument("--config", required=True, metavar="configs/NAME.py")
+    tr.add_argument("--workdir", required=True, metavar="DIR",
+                    help="checkpoints, metrics.jsonl, TensorBoard events, the trained model/; rerun to resume")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `--config.key=value` overrides belong to the train config, not to argparse.
+    overrides = [a for a in argv if a.startswith(("--config.", "-config."))]
+    args = build_parser().parse_args([a for a in argv if a not in overrides])
+    if overrides and args.command != "train":
+        print(f"error: {overrides[0]}: config overrides are for the train command", file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
+        if args.command == "train":
+            from clipseg_jax.commands import run_train
+
+            return run_train(args.config, overrides, args.workdir)
         if args.command == "predict":
             from clipseg_jax.commands import run_predict
 

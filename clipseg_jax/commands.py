@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -144,3 +145,29 @@ def run_compare(checkpoint: str, images: Sequence[str] = (), prompts: Sequence[s
     if keep is not None:
         keep.cleanup()
     return all(d.ok() for d in diffs)
+
+
+def run_train(config_path: str, overrides: Sequence[str], workdir: str) -> int:
+    """`main.py train`: load and check the config, train (or resume) in `workdir`. Exit code 0 when training ended
+    or stopped on a signal with a checkpoint saved, 1 when it failed (a non-finite loss)."""
+    import logging
+
+    from clipseg_jax.train import TrainingError, load_config, train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = load_config(config_path, overrides)
+    try:
+        summary = train(config, workdir)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary["start_step"]:
+        print(f"resumed from step {summary['start_step']}")
+    if summary.get("preempted"):
+        print(f"stopped at step {summary['step']}; checkpoint saved in {workdir}/checkpoints (rerun to resume)")
+    else:
+        ev = summary["eval"]
+        print(f"trained to step {summary['step']}: validation fgiou {ev['fgiou']:.4f} miou {ev['miou']:.4f} "
+              f"ap {ev['ap']:.4f} (threshold {ev['threshold']}); model in {summary['model']}; trained parameters "
+              f"{summary['params_fingerprint']}")
+    return 0

@@ -259,6 +259,9 @@ def prepare(data_dir: str | os.PathLike, train_images: int = 1500, val_images: i
         # A few test/miniv images: the TFDS builder wants every split non-empty.
         counts = {"train": params["train_images"], "val": params["val_images"], "test": 4, "miniv": 4}
         generate(root / "VGPhraseCut_v0", counts, min_size, max_size, seed)
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
         phrasecut.build(root / "VGPhraseCut_v0", root / "tfds")
         tmp = marker.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(params, indent=1) + "\n")

@@ -45,8 +45,13 @@ def _nested(model: CLIPSeg) -> dict:
 
 def save(model: CLIPSeg, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write `model` as our checkpoint; atomic (temporary sibling directory, then rename)."""
+    import jax
+
+    # One writer: under jax.distributed (a trainer's process 0) the other processes do not take part.
+    me = jax.process_index()
+    single = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     with atomic_directory(out_dir) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=single) as ckptr:
             ckptr.save(tmp / "params", _nested(model))
             ckptr.wait_until_finished()
         for name in _tokenizer_files(tokenizer_dir):
