@@ -79,16 +79,28 @@ class Attention(nnx.Module):
         # `set_attention_implementation`. Static: part of the graph definition.
         self.implementation = "einsum"
 
-    def __call__(self, x: Array, bias: Array | None = None, dropout_key: Array | None = None) -> Array:
+    def __call__(self, x: Array, bias: Array | None = None, dropout_key: Array | None = None,
+                 n_queries: int | None = None) -> Array:
         """`dropout_key`: a PRNG key turns on the attention-probability dropout (if the layer has one) with that
-        key, whatever the module's train/eval mode; None keeps the mode's behaviour."""
+        key, whatever the module's train/eval mode; None keeps the mode's behaviour. `n_queries`: attend from the
+        first n tokens only (keys and values from all): output (B, n, d)."""
         b, n, d = x.shape
         h = self.num_heads
+        x = x.astype(self.dtype)
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        # One (d, 3d) matmul instead of three: better use of the matmul kernels, same numbers.
-        w = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(self.dtype)
-        bias_qkv = jnp.concatenate([p.bias[...] for p in projs]).astype(self.dtype)
-        qkv = (x.astype(self.dtype) @ w + bias_qkv).reshape(b, n, 3, h, d // h)
+        if n_queries is None:
+            # One (d, 3d) matmul instead of three: better use of the matmul kernels, same numbers.
+            w = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(self.dtype)
+            bias_qkv = jnp.concatenate([p.bias[...] for p in projs]).astype(self.dtype)
+            qkv = (x @ w + bias_qkv).reshape(b, n, 3, h, d // h)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, head_dim)
+        else:
+            q = self.q_proj(x[:, :n_queries]).reshape(b, n_queries, h, d // h)
+            w = jnp.concatenate([p.kernel[...] for p in projs[1:]], axis=1).astype(self.dtype)
+            bias_kv = jnp.concatenate([p.bias[...] for p in projs[1:]]).astype(self.dtype)
+            kv = (x @ w + bias_kv).reshape(b, n, 2, h, d // h)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        nq = q.shape[1]
         drop = None
         if self.dropout is not None and dropout_key is not None:
             drop = functools.partial(self.dropout, deterministic=False, rngs=dropout_key)
@@ -96,13 +108,11 @@ class Attention(nnx.Module):
             drop = self.dropout
         if self.implementation != "einsum" and drop is None:
             impl = None if self.implementation == "auto" else self.implementation
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, head_dim), no transposes
             o = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
                                              implementation=impl)
-            return self.out_proj(o.reshape(b, n, d))
-        qkv = qkv.transpose(2, 0, 3, 1, 4)
-        o = attention(qkv[0], qkv[1], qkv[2], bias, drop)
-        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, n, d))
+            return self.out_proj(o.reshape(b, nq, d))
+        o = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias, drop)
+        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, nq, d))
 
 
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn", "auto")
@@ -142,6 +152,12 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x: Array, bias: Array | None = None) -> Array:
         x = x + self.self_attn(self.layer_norm1(x), bias)
         return x + self.mlp(self.layer_norm2(x))
+
+    def first_token(self, x: Array) -> Array:
+        """The block's output at the first (class) token only, (B, 1, D): all a pooled-only pass needs of its
+        last block (attention from that token to all, the MLP on that token)."""
+        c = x[:, :1] + self.self_attn(self.layer_norm1(x), n_queries=1)
+        return c + self.mlp(self.layer_norm2(c))
 
 
 class Encoder(nnx.Module):
@@ -229,7 +245,10 @@ class VisionTransformer(nnx.Module):
         last = len(layers) if pooled else max(extract_layers, default=-1) + 1
         taken = {}
         for i in range(last):
-            x = layers[i](x)
+            if pooled and i == last - 1 and i not in extract_layers:
+                x = layers[i].first_token(x)  # only the class token is read after the last block
+            else:
+                x = layers[i](x)
             if i in extract_layers:
                 taken[i] = x
         pooled_out = self.post_layernorm(x[:, 0]) if pooled else None

@@ -91,6 +91,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _need(c.dtype in DTYPES, f"config.dtype={c.dtype!r}: expected one of {DTYPES}")
     _need(c.decoder_dtype in DTYPES[1:], f"config.decoder_dtype={c.decoder_dtype!r}: expected float32 or bfloat16")
     _need(c.attention in ATTENTION, f"config.attention={c.attention!r}: expected one of {ATTENTION}")
+    _need(c.encode_chunk >= -1, f"config.encode_chunk={c.encode_chunk}: expected -1 (auto), 0 (whole batch) or >= 1")
     for block in ("data", "eval_data"):
         d = c[block]
         ok = SOURCES + (("",) if block == "eval_data" else ())

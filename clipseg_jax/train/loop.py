@@ -196,15 +196,18 @@ class Trainer:
         self.opt_sh = st.tree_shardings(jax.eval_shape(self.tx.init, self.params_host), mesh)
         self.state_sh = {"step": self.rep, "params": self.param_sh, "opt_state": self.opt_sh, "rng": self.rep}
         self.frozen = st.put(self.frozen_host, self.frozen_sh)
+        # CLIP passes sample by sample on one CPU device (cache), the whole batch elsewhere.
+        auto = 1 if mesh.size == 1 and mesh.devices.flat[0].platform == "cpu" else 0
+        self.chunk = auto if config.encode_chunk < 0 else config.encode_chunk
         self.recipe = Recipe(with_visual=config.data.with_visual, text_weight_min=config.mix.text_weight_min,
                              text_weight_max=config.mix.text_weight_max, support_render=config.data.support_render,
                              visual_prompt_mode=config.data.visual_prompt_mode,
-                             dropout=config.model.decoder_dropout > 0)
+                             dropout=config.model.decoder_dropout > 0, chunk=self.chunk)
         self.batch_keys = train_keys(self.recipe.with_visual, self.recipe.support_render)
         self._step = jax.jit(make_train_step(self.graphdef, self.rest, self.tx, self.recipe),
                              in_shardings=(self.state_sh, self.frozen_sh, self.batch_sharding),
                              out_shardings=(self.state_sh, self.rep), donate_argnums=0)
-        eval_step = make_eval_step(self.graphdef, self.rest)
+        eval_step = make_eval_step(self.graphdef, self.rest, self.chunk)
         self._eval = jax.jit(lambda p, f, b, i: (eval_step(p, f, b), i),
                              in_shardings=(self.param_sh, self.frozen_sh, self.batch_sharding, self.batch_sharding),
                              out_shardings=(self.rep, self.rep))
