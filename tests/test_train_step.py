@@ -102,46 +102,58 @@ def _as_hf(tree) -> dict[str, np.ndarray]:
     return flat
 
 
-def test_one_step_and_five_losses_equal_pytorch(tiny_hf_dir, tmp_path):
-    """The same random checkpoint, batch and mixing weights, dropout off: loss and every updated decoder parameter
-    after one step, then the losses of five more steps. Adam's first update is g / (|g| + eps) per element, so
-    where a gradient is at float32 rounding level (some attention key weights) both float32 runs scatter: there
-    both are compared with a float64 run of the reference, and ours must be as close to it as torch's float32."""
+def _run_both(tiny_hf_dir, tmp_path, steps: int, **extra):
+    """`steps` steps of ours, torch float32 and torch float64 on the same batches and mixing weights; yields after
+    each step (i, trainer, state, torch32, torch64, losses so far)."""
     from clipseg_jax.train.loop import Trainer
     from clipseg_jax.train.state import make_mesh
     from clipseg_jax.train.step import step_keys, text_weights
 
-    config = _config(tiny_hf_dir, tmp_path)
+    config = _config(tiny_hf_dir, tmp_path, **extra)
     trainer = Trainer(config, make_mesh(1, 1, jax.devices()[:1]))
     state = trainer.init_state()
     rng_data = np.asarray(state["rng"])
     t32, t64 = _TorchStep(tiny_hf_dir, config, torch.float32), _TorchStep(tiny_hf_dir, config, torch.float64)
-    ours, ref32, ref64 = [], [], []
-    for i in range(6):
+    losses = {"ours": [], "t32": [], "t64": []}
+    for i in range(steps):
         batch = _batch(i)
         mix_key, _ = step_keys(jnp.asarray(rng_data), jnp.int32(i))  # the weights our step draws, fed to torch
         w = np.asarray(text_weights(mix_key, jnp.asarray(batch["support_valid"]), config.mix.text_weight_min,
                                     config.mix.text_weight_max), np.float64)
-        ref32.append(t32(batch, w))
-        ref64.append(t64(batch, w))
+        losses["t32"].append(t32(batch, w))
+        losses["t64"].append(t64(batch, w))
         state, metrics = trainer.step(state, {k: jnp.asarray(v) for k, v in batch.items()})
-        ours.append(float(metrics["loss"]))
-        if i == 0:
-            np.testing.assert_allclose(ours[0], ref32[0], rtol=1e-5)
-            got, want32, want64 = _as_hf(trainer.host_params(state["params"])), t32.decoder(), t64.decoder()
-            assert got.keys() == want64.keys()
-            worst = []
-            for k in want64:
-                scale = np.abs(want64[k]).max()
-                e_ours = np.abs(got[k] - want64[k]).max()
-                e_torch = np.abs(want32[k] - want64[k]).max()
-                worst.append((e_ours / scale, k))
-                assert e_ours <= max(1e-5 * scale, 2 * e_torch), (k, e_ours, e_torch, scale)
-            print("largest relative difference to float64 torch:", max(worst))
-    ours, ref32, ref64 = np.array(ours), np.array(ref32), np.array(ref64)
-    print("relative loss differences to float64 torch, ours / torch float32:",
-          np.abs(ours - ref64) / ref64, np.abs(ref32 - ref64) / ref64)
-    assert (np.abs(ours - ref64) <= np.maximum(1e-5 * ref64, 2 * np.abs(ref32 - ref64))).all()
+        losses["ours"].append(float(metrics["loss"]))
+        yield i, trainer, state, t32, t64, losses
+
+
+def test_one_step_equals_pytorch(tiny_hf_dir, tmp_path):
+    """The same random checkpoint, batch and mixing weights, dropout off, the paper's optimizer: the loss and every
+    updated decoder parameter after one step. Adam's first update is g / (|g| + eps) per element, so where a
+    gradient is at float32 rounding level (the attention key bias's gradient is exactly zero in exact arithmetic)
+    both float32 runs scatter by up to a learning rate: there both are compared with a float64 run of the
+    reference, and ours must be as close to it as torch's own float32."""
+    for i, trainer, state, t32, t64, losses in _run_both(tiny_hf_dir, tmp_path, 1):
+        np.testing.assert_allclose(losses["ours"][0], losses["t32"][0], rtol=1e-5)
+        got, want32, want64 = _as_hf(trainer.host_params(state["params"])), t32.decoder(), t64.decoder()
+        assert got.keys() == want64.keys()
+        for k in want64:
+            scale = np.abs(want64[k]).max()
+            e_ours = np.abs(got[k] - want64[k]).max()
+            e_torch = np.abs(want32[k] - want64[k]).max()
+            assert e_ours <= max(1e-5 * scale, 2 * e_torch), (k, e_ours, e_torch, scale)
+
+
+def test_six_steps_of_losses_equal_pytorch(tiny_hf_dir, tmp_path):
+    """Six steps (the schedule's cosine included). Adam's eps is raised to 1e-6 here so that the structurally zero
+    key-bias gradients are not amplified to +-lr updates by rounding noise, which makes any two float32 runs
+    (torch's own float32 and float64 included) drift apart chaotically after a few steps."""
+    *_, (_, _, _, _, _, losses) = _run_both(tiny_hf_dir, tmp_path, 6, **{"optimizer.eps": 1e-6})
+    ours, t32, t64 = (np.array(losses[k]) for k in ("ours", "t32", "t64"))
+    print("relative loss differences, ours - torch f32:", np.abs(ours - t32) / t32, "torch f32 - f64:",
+          np.abs(t32 - t64) / t64)
+    np.testing.assert_allclose(ours, t32, rtol=1e-5)
+    np.testing.assert_allclose(ours, t64, rtol=1e-5)
     assert len(set(np.round(ours, 6))) == 6  # the steps did train
 
 

@@ -52,7 +52,7 @@ class DecoderLayer(nnx.Module):
     """
 
     def __init__(self, dim: int, heads: int, hidden: int, eps: float, dropout: float, *, dtype, rngs: nnx.Rngs):
-        self.self_attn = Attention(dim, heads, dtype=dtype, dropout=dropout, rngs=rngs)
+        self.self_attn = Attention(dim, heads, dtype=dtype, dropout=dropout, normalize_after=False, rngs=rngs)
         a = self.self_attn
         for proj in (a.q_proj, a.k_proj, a.v_proj):
             _uniform_(proj.kernel, rngs.params(), math.sqrt(6.0 / (dim + 3 * dim)))
