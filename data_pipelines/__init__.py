@@ -61,8 +61,9 @@ def train_and_eval_sources(data, eval_data, eval_fraction: float = 0.1):
     ev = eval_data.copy_and_resolve_references()
     if not ev.source:
         with ev.unlocked():
-            for key in ("data_dir", "own_data_dir", "synthetic"):
-                ev[key] = data[key]
+            for key in ("data_dir", "own_data_dir"):  # where the training data is, unless given
+                ev[key] = ev[key] or data[key]
+            ev.synthetic = data.synthetic
             ev.source = {"cached": "tfds"}.get(data.source, data.source)
             ev.split = "validation"
     if data.source == "own" and ev.source == "own" and ev.own_data_dir in ("", data.own_data_dir):

@@ -274,3 +274,18 @@ def test_bad_input_is_one_line_and_touches_no_checkpoint(baseline, shapes_dir, t
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before
     assert {p: p.stat().st_mtime_ns for p in (wd / "checkpoints").rglob("*")} == stamp
 
+
+
+def test_training_from_a_cache_with_device_rendering_and_worker_processes(baseline, shapes_dir, tmp_path):
+    """The fast input path: a pre-resized cache, visual prompts rendered in the step, batches built by PC+
+    worker processes; it trains, and the validation source defaults to the cache's TFDS split."""
+    from data_pipelines.sources import TfdsSource, build_cache
+
+    cache = build_cache(TfdsSource("train", Path(shapes_dir) / "tfds"), tmp_path / "cache", size=64)
+    wd = tmp_path / "run"
+    r = run_train(wd, tiny_overrides(shapes_dir, **{"data.source": "cached", "data.cache_dir": str(cache),
+                                                    "data.support_render": "device", "data.workers": 2,
+                                                    "eval_data.data_dir": str(Path(shapes_dir) / "tfds")}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(losses(wd)) == 6 and all(np.isfinite(v) for v in losses(wd).values())
+    assert json.loads((wd / "eval_metrics.json").read_text())["n_samples"] > 0
