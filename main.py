@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -20,23 +21,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main.py", description="CLIPSeg in JAX/Flax")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pr = sub.add_parser("predict", help="segment images with text and/or visual prompts; writes mask + overlay PNGs")
+    pr = sub.add_parser("predict", help="segment images with text and/or visual prompts; writes mask + overlay PNGs",
+                        description="Images are predicted in batches and written as they finish; rerunning the same "
+                                    "command skips images whose outputs exist. Repeated flags add up.")
     pr.add_argument("--checkpoint", required=True, help="HF dir, hub id, or our checkpoint dir")
-    pr.add_argument("--image", nargs="+", required=True, metavar="PATH")
-    pr.add_argument("--prompt", nargs="*", default=[], metavar="TEXT")
-    pr.add_argument("--visual-prompt", nargs="*", default=[], metavar="IMG:MASK",
+    pr.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
+                    help="image files, folders (searched recursively) or glob patterns")
+    pr.add_argument("--prompt", nargs="+", action="extend", default=[], metavar="TEXT")
+    pr.add_argument("--visual-prompt", nargs="+", action="extend", default=[], metavar="IMG:MASK",
                     help="an example image and its object mask (non-zero = object)")
     pr.add_argument("--visual-prompt-mode", default="crop_blur_highlight352")
-    pr.add_argument("--out", required=True, metavar="DIR")
-    pr.add_argument("--threshold", type=float, default=0.5)
+    pr.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder: sub-folders of the inputs kept, prompt names in DIR/prompts.json")
+    pr.add_argument("--threshold", type=float, default=0.5, help="mask = probability > threshold, in [0, 1]")
     pr.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    pr.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per prediction step")
+    pr.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
+    pr.add_argument("--save-probs", nargs="?", const="png", choices=("png", "npy"), default=None,
+                    help="also write the probabilities: 16-bit PNG (default) or float32 .npy")
+    pr.add_argument("--no-overlay", action="store_true", help="write masks only")
 
     cv = sub.add_parser("convert", help="convert weights to our format (orbax) or back to an HF directory")
     cv.add_argument("--checkpoint", help="HF dir, hub id, or our checkpoint dir")
     cv.add_argument("--original-decoder", metavar="PTH", help="timojl/clipseg decoder weights (rd64-uni.pth, ...)")
     cv.add_argument("--clip-weights", metavar="PT", help="OpenAI CLIP ViT-B/16 state dict, with --original-decoder")
     cv.add_argument("--extract-layers", type=int, nargs="+", help="override for original weights (default 3 6 9)")
-    cv.add_argument("--to-hf", action="store_true", help="write an HF directory (config.json + model.safetensors)")
+    cv.add_argument("--to-hf", action="store_true",
+                    help="write an HF directory (config.json + model.safetensors + the processor's files)")
+    cv.add_argument("--allow-torchscript", action="store_true",
+                    help="read TorchScript archives (OpenAI's ViT-B-16.pt); this runs code from the file: trust it")
     cv.add_argument("--out", required=True, metavar="DIR")
 
     cp = sub.add_parser("compare", help="run PyTorch (transformers) and JAX on the same inputs; print max |Δ|")
@@ -84,15 +97,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             from clipseg_jax.commands import run_predict
 
-            written = run_predict(args.checkpoint, args.image, args.prompt, args.visual_prompt, args.out,
-                                  args.dtype, args.threshold, args.visual_prompt_mode)
-            print(f"wrote {len(written)} files to {args.out}")
+            s = run_predict(args.checkpoint, args.image, args.prompt, args.visual_prompt, args.out, args.dtype,
+                            args.threshold, args.visual_prompt_mode, args.batch_size, args.overwrite,
+                            args.save_probs, args.no_overlay)
+            skipped = f"; {s.skipped} images skipped, their outputs exist (--overwrite to redo)" if s.skipped else ""
+            print(f"wrote {s.files} files for {s.done} images to {args.out}{skipped}")
+            if s.interrupted:
+                print(f"interrupted ({signal.Signals(s.interrupted).name}): rerun the same command to do the rest",
+                      file=sys.stderr)
+                return 128 + s.interrupted
+            if s.failed:
+                for msg in s.failed:
+                    print(f"skipped {msg}", file=sys.stderr)
+                print(f"error: {len(s.failed)} images could not be read (listed above)", file=sys.stderr)
+                return 1
             return 0
         if args.command == "convert":
             from clipseg_jax.commands import run_convert
 
             out = run_convert(args.checkpoint, args.out, args.to_hf, args.original_decoder, args.clip_weights,
-                              args.extract_layers)
+                              args.extract_layers, args.allow_torchscript)
             print(f"wrote {out}")
             return 0
         if args.command == "compare":

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _slug(text: str, limit: int = 60) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return (s[:limit].rstrip("-") or "prompt")
 
 
 def parse_visual_prompt(spec: str) -> tuple[str, str]:
@@ -30,22 +20,17 @@ def parse_visual_prompt(spec: str) -> tuple[str, str]:
     return img, mask
 
 
-def overlay(image: np.ndarray, prob: np.ndarray, threshold: float, color=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:
-    """The image with the thresholded mask tinted in `color` and the probability as tint strength."""
-    a = (alpha * np.clip(prob, 0, 1) * (prob > threshold))[..., None]
-    return (image.astype(np.float32) * (1 - a) + np.asarray(color, np.float32) * a).round().astype(np.uint8)
-
-
 def run_predict(
     checkpoint: str, images: Sequence[str], prompts: Sequence[str], visual_prompts: Sequence[str], out: str,
-    dtype: str = "float32", threshold: float = 0.5, mode: str = "crop_blur_highlight352",
-) -> list[Path]:
-    """Write `<image>__<prompt>_mask.png` (0/255 at `threshold`) and `_overlay.png` for every (image, prompt).
-
-    Every input is read and every output computed before anything is written; outputs are moved into `out` only
-    once all of them exist, so a failure leaves `out` as it was.
-    """
-    from clipseg_jax.predict import Predictor, load_image
+    dtype: str = "float32", threshold: float = 0.5, mode: str = "crop_blur_highlight352", batch_size: int = 8,
+    overwrite: bool = False, save_probs: str | None = None, no_overlay: bool = False, progress: bool = True,
+):
+    """`main.py predict`: every input checked before the model loads, then `predict_files.run_stream` (outputs
+    written as they finish, atomically; images whose outputs all exist are skipped unless `overwrite`).
+    Returns the `predict_files.Summary`."""
+    from clipseg_jax import predict_files as pf
+    from clipseg_jax.predict import load_image, load_mask
+    from clipseg_jax.prompts import VISUAL_PROMPT_MODES
 
     if not images:
         raise ValueError("--image: give at least one image")
@@ -53,43 +38,54 @@ def run_predict(
         raise ValueError("--prompt / --visual-prompt: give at least one prompt")
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt: empty prompt text")
-    arrays = [load_image(p) for p in images]  # fail fast on a bad image, before loading the model
-    vps = [parse_visual_prompt(v) for v in visual_prompts]
-    for img, mask in vps:
-        for f in (img, mask):
-            if not Path(f).is_file():
-                raise FileNotFoundError(f"--visual-prompt: {f}: no such file")
-    pred = Predictor.from_pretrained(checkpoint, dtype=DTYPES[dtype])
-    names = [_slug(p) for p in prompts] + [f"visual{j}-{_slug(Path(m).stem)}" for j, (_, m) in enumerate(vps)]
-    probs = pred.predict(arrays, list(prompts), visual_prompts=vps, visual_prompt_mode=mode)
-    results = list(zip(images, arrays, probs))
+    if mode not in VISUAL_PROMPT_MODES:
+        raise ValueError(f"--visual-prompt-mode {mode!r}: expected one of {', '.join(VISUAL_PROMPT_MODES)}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected a positive number of images")
+    if save_probs not in (None, "png", "npy"):
+        raise ValueError(f"--save-probs {save_probs!r}: expected png or npy")
+    threshold = pf.validate_threshold(threshold)
+    texts = list(dict.fromkeys(prompts))  # the same text twice is one prompt
+    vps = list(dict.fromkeys(parse_visual_prompt(v) for v in visual_prompts))
+    visual_arrays = []
+    for img, mask in vps:  # small, few: read now so a wrong mask size fails before the model loads
+        a = load_image(img)
+        visual_arrays.append((a, load_mask(mask, a.shape[:2])))
+    paths = pf.expand_images(images, exclude=out)
+    for p in paths:
+        pf.check_image_file(p)
+    out_dir = pf.prepare_out_dir(out)
+    pf.remove_partials(out_dir)
 
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
-    written = []
-    try:
-        stems: dict[str, int] = {}
-        for path, arr, probs in results:
-            stem = _slug(Path(path).stem, 40)
-            stems[stem] = stems.get(stem, 0) + 1
-            if stems[stem] > 1:
-                stem = f"{stem}-{stems[stem]}"
-            for name, p in zip(names, probs):
-                base = f"{stem}__{name}"
-                Image.fromarray(((p > threshold) * 255).astype(np.uint8), "L").save(tmp / f"{base}_mask.png")
-                Image.fromarray(overlay(arr, p, threshold)).save(tmp / f"{base}_overlay.png")
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out_dir / f.name)
-            written.append(out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return written
+    values: list[object] = [*texts, *({"image": i, "mask": m} for i, m in vps)]
+    bases = [pf.slug(t) for t in texts] + [f"visual-{pf.slug(Path(m).stem)}" for _, m in vps]
+    existing = pf.read_prompts_file(out_dir)
+    names = pf.prompt_names(values, bases, existing)
+    jobs = pf.plan(paths, names, out_dir, no_overlay=no_overlay, save_probs=save_probs)
+    todo, skipped = pf.iter_pending(jobs, overwrite)
+    pf.write_prompts_file(out_dir, {**existing, **dict(zip(names, values))})
+    if not todo:
+        return pf.Summary(skipped=skipped)
+
+    from clipseg_jax.compile_cache import enable_compilation_cache
+    from clipseg_jax.predict import Predictor
+
+    enable_compilation_cache()
+    pred = Predictor.from_pretrained(checkpoint, dtype=DTYPES[dtype])
+    conds = []
+    if texts:
+        conds.append(pred.encode_text(texts))
+    if vps:
+        conds.append(pred.encode_visual(visual_arrays, mode))
+    summary = pf.run_stream(pred, todo, np.concatenate(conds), threshold, batch_size=batch_size,
+                            no_overlay=no_overlay, save_probs=save_probs, progress=progress)
+    summary.skipped = skipped
+    return summary
 
 
 def run_convert(
     checkpoint: str | None, out: str, to_hf: bool = False, original_decoder: str | None = None,
-    clip_weights: str | None = None, extract_layers: Sequence[int] | None = None,
+    clip_weights: str | None = None, extract_layers: Sequence[int] | None = None, allow_torchscript: bool = False,
 ) -> Path:
     """HF dir / hub id / original `.pth` + OpenAI CLIP weights -> our orbax checkpoint, or (`to_hf`) an HF directory."""
     from clipseg_jax.config import CLIPSegConfig
@@ -103,7 +99,8 @@ def run_convert(
         from clipseg_jax.weights.original import load_torch_state_dict, original_to_hf
 
         kwargs = {"extract_layers": list(extract_layers)} if extract_layers else {}
-        sd, cfg = original_to_hf(load_torch_state_dict(original_decoder), load_torch_state_dict(clip_weights), **kwargs)
+        sd, cfg = original_to_hf(load_torch_state_dict(original_decoder, allow_torchscript=allow_torchscript),
+                                 load_torch_state_dict(clip_weights, allow_torchscript=allow_torchscript), **kwargs)
         model = hf.model_from_state_dict(sd, CLIPSegConfig.from_dict(cfg), source=str(original_decoder))
     elif checkpoint:
         src_dir = resolve(checkpoint)
@@ -111,9 +108,16 @@ def run_convert(
     else:
         raise ValueError("give --checkpoint, or --original-decoder with --clip-weights")
     if to_hf:
-        extra = {}
+        extra: dict = {}
         if src_dir is not None:
-            extra = {n: src_dir / n for n in (*store.TOKENIZER_FILES, "preprocessor_config.json") if (src_dir / n).is_file()}
+            extra = {n: src_dir / n for n in store.PROCESSOR_FILES if (src_dir / n).is_file()}
+        # CLIPSegProcessor.from_pretrained(out) must work: fill in what the source lacked
+        defaults = hf.default_processor_files()
+        if not any(n in extra for n in ("tokenizer.json", "vocab.json")):
+            extra.update({n: defaults[n] for n in ("vocab.json", "merges.txt", "tokenizer_config.json",
+                                                   "special_tokens_map.json")})
+        if not any(n in extra for n in ("processor_config.json", "preprocessor_config.json")):
+            extra["processor_config.json"] = defaults["processor_config.json"]
         return hf.write_hf_directory(model, out, extra)
     return store.save(model, out, tokenizer_dir=src_dir)
 
@@ -156,6 +160,9 @@ def run_train(config_path: str, overrides: Sequence[str], workdir: str) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = load_config(config_path, overrides)
+    from clipseg_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # a resumed run does not compile its step again
     try:
         summary = train(config, workdir)
     except TrainingError as e:

@@ -13,7 +13,7 @@ from clipseg_jax.weights import hf, store
 
 PUBLISHED = ("CIDAS/clipseg-rd64-refined", "CIDAS/clipseg-rd64", "CIDAS/clipseg-rd16")
 _HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
-                 *store.TOKENIZER_FILES, "preprocessor_config.json"]
+                 *store.PROCESSOR_FILES]
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:

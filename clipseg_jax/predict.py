@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipseg_jax.model.clipseg import CLIPSeg
 from clipseg_jax.prompts import IMAGENET_MEAN, IMAGENET_STD
@@ -44,7 +44,9 @@ def load_image(image: ImageLike) -> np.ndarray:
         try:
             with Image.open(name) as im:
                 im.load()
-                image = im.copy()
+                # Phones store portrait photos as landscape pixels + an EXIF rotation (transformers' load_image
+                # applies it too).
+                image = ImageOps.exif_transpose(im)
         except FileNotFoundError:
             raise FileNotFoundError(f"{name}: no such image file") from None
         except UnidentifiedImageError:
@@ -52,6 +54,8 @@ def load_image(image: ImageLike) -> np.ndarray:
         except OSError as e:  # truncated / corrupt data
             raise ValueError(f"{name}: cannot decode image ({e})") from None
     if isinstance(image, Image.Image):
+        if name is None:
+            image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(image).astype(np.float64)
             arr = (arr / (65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0) * 255.0).round()
@@ -326,13 +330,18 @@ class Predictor:
             conds.append(self.encode_visual(list(visual_prompts), visual_prompt_mode))
         cond = np.concatenate(conds)
         pixels, sizes = self.preprocess(images)
-        if self.resize_on_device:
-            out = self._resize_on_device(self._predict_chunks(pixels, cond), sizes)
-        else:
-            out = [resize_probs(p, h, w) for p, (h, w) in zip(self.predict_batch(pixels, cond), sizes)]
+        out = self.predict_resized(pixels, sizes, cond)
         if len(set(sizes)) == 1:
             return out[0][None] if len(out) == 1 else np.stack(out)
         return out
+
+    def predict_resized(self, pixels_u8: np.ndarray, sizes: Sequence[tuple[int, int]], cond: np.ndarray) -> list[np.ndarray]:
+        """Preprocessed images (N, S, S, 3) uint8 and their original sizes, conditions (K, P) -> per image the
+        (K, H_i, W_i) float32 probabilities at its original size."""
+        sizes = list(sizes)
+        if self.resize_on_device:
+            return self._resize_on_device(self._predict_chunks(pixels_u8, cond), sizes)
+        return [resize_probs(p, h, w) for p, (h, w) in zip(self.predict_batch(pixels_u8, cond), sizes)]
 
     def _resize_on_device(self, chunks: list[jax.Array], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Per image (K, H_i, W_i) float32, resized next to the model; runs of equal sizes share one jitted call."""
@@ -361,13 +370,14 @@ def load_mask(mask: ImageLike, shape: tuple[int, int], what: str = "mask") -> np
         what = str(mask)
         try:
             with Image.open(mask) as im:
+                im = ImageOps.exif_transpose(im)  # a mask drawn on a phone photo is stored like the photo
                 arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "P", "I", "I;16") else im)
         except FileNotFoundError:
             raise FileNotFoundError(f"{mask}: no such mask file") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{mask}: not a readable mask image ({e})") from None
     elif isinstance(mask, Image.Image):
-        arr = np.asarray(mask.convert("L"))
+        arr = np.asarray(ImageOps.exif_transpose(mask).convert("L"))
     else:
         arr = np.asarray(mask)
     if arr.ndim == 3:

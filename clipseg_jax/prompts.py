@@ -81,9 +81,25 @@ _PREPROCESS_MODES: dict[str, tuple[float, float, float | None, float]] = {
 _BLUR_RADIUS = 7
 
 
+_TEMPLATE_ARTICLES = ("a", "an", "the", "one")
+_PHRASE_ARTICLES = ("a ", "an ", "the ")
+
+
 def apply_template(template: str, phrase: str) -> str:
-    """Fill a `{}` template with a phrase."""
-    return template.format(phrase)
+    """Fill a `{}` template with a phrase. Where the template puts an article right before the phrase ("a photo of
+    a {}.") and the phrase brings its own ("a red mug"), the phrase's is dropped: "a photo of a red mug.", not the
+    original's "a photo of a a red mug.". Other phrases are filled in unchanged."""
+    prefix, sep, suffix = template.partition("{}")
+    if not sep:
+        raise ValueError(f"template {template!r} must contain '{{}}'")
+    words = prefix.lower().split()
+    if prefix.endswith(" ") and words and words[-1] in _TEMPLATE_ARTICLES:
+        low = phrase.lower()
+        for art in _PHRASE_ARTICLES:
+            if low.startswith(art) and phrase[len(art):].strip():
+                phrase = phrase[len(art):].lstrip()
+                break
+    return prefix + phrase + suffix
 
 
 def resize_bilinear_align_corners(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

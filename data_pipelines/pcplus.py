@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 from clipseg_jax.prompts import (
     TEMPLATES_SHUFFLE_PLUS,
     VISUAL_PROMPT_MODES,
+    apply_template,
     render_visual_prompt_square_u8,
     visual_prompt_read_region,
 )
@@ -282,7 +283,6 @@ class PCPlus:
         self._members = order.astype(np.int64)
         self._offsets = offsets.astype(np.int64)
         self._rank = rank
-        self._affixes = [tuple(x.encode() for x in t.split("{}")) for t in self.templates]
         self._perms: dict[int, np.ndarray] = {}
         self._perm_lock = threading.Lock()
         # Batches alive at once: parallel map + prefetch buffer + the consumer's (and one spare); two
@@ -445,8 +445,8 @@ class PCPlus:
                 if device:
                     support_mask[i] = 0
         phrase = self._phrase_bytes[p["phrase_id"]]
-        prompt = np.array([self._affixes[t][0] + ph + self._affixes[t][1] for t, ph in zip(p["template"], phrase)],
-                          dtype=object)
+        prompt = np.array([apply_template(self.templates[t], ph.decode()).encode()
+                           for t, ph in zip(p["template"], phrase)], dtype=object)
         out = {
             "image": image,
             "mask": mask,

@@ -28,6 +28,7 @@ INVALID_IMAGE_IDS = frozenset({150417, 285665, 498246, 61564, 285743, 498269, 49
 
 # TFDS split name -> refer file suffix.
 SPLIT_FILES = {"train": "train", "validation": "val", "test": "test", "miniv": "miniv"}
+REQUIRED_SPLITS = ("train", "validation", "test")  # miniv is optional
 
 _DESCRIPTION = f"""
 PhraseCut: referring-expression segmentation on Visual Genome images (Wu et al., CVPR 2020).
@@ -66,7 +67,7 @@ class Phrasecut(tfds.core.GeneratorBasedBuilder):
        (annotations from Google Drive via gdown, images from the Visual Genome URLs; or run it
        with --download_img 0 and symlink the VG 1.2 images into data/VGPhraseCut_v0/images/).
     3. Copy or symlink the CONTENTS of data/VGPhraseCut_v0/ into the manual dir, so that it holds
-       refer_train.json, refer_val.json, refer_test.json, refer_miniv.json,
+       refer_train.json, refer_val.json, refer_test.json, (optional) refer_miniv.json,
        image_data_split.json and images/{image_id}.jpg
        (default manual dir: ~/tensorflow_datasets/downloads/manual/; or pass
        `tfds build phrasecut --manual_dir=DIR` / `tfds.download.DownloadConfig(manual_dir=DIR)`).
@@ -101,15 +102,21 @@ class Phrasecut(tfds.core.GeneratorBasedBuilder):
         root = Path(dl_manager.manual_dir)
         if (root / "VGPhraseCut_v0").is_dir() and not (root / "image_data_split.json").exists():
             root = root / "VGPhraseCut_v0"  # accept the folder itself inside the manual dir
-        for f in ["image_data_split.json"] + [f"refer_{s}.json" for s in SPLIT_FILES.values()]:
+        for f in ["image_data_split.json"] + [f"refer_{SPLIT_FILES[s]}.json" for s in REQUIRED_SPLITS]:
             if not (root / f).exists():
                 raise FileNotFoundError(
                     f"{root / f} not found; the manual dir must hold PhraseCut's VGPhraseCut_v0 "
                     f"contents.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        splits = dict(SPLIT_FILES)
+        for name, suffix in SPLIT_FILES.items():
+            if name not in REQUIRED_SPLITS and not (root / f"refer_{suffix}.json").exists():
+                # PhraseCut's download script can be run without it (-s train_val_test)
+                log.warning("phrasecut: %s not found: building without the optional '%s' split",
+                            root / f"refer_{suffix}.json", name)
+                del splits[name]
         with open(root / "image_data_split.json") as f:
             image_info = {int(d["image_id"]): d for d in json.load(f)}
-        return {name: self._generate_examples(root, suffix, image_info, name)
-                for name, suffix in SPLIT_FILES.items()}
+        return {name: self._generate_examples(root, suffix, image_info, name) for name, suffix in splits.items()}
 
     def _generate_examples(self, root: Path, suffix: str, image_info: dict, split: str):
         with open(root / f"refer_{suffix}.json") as f:

@@ -175,15 +175,26 @@ class TfdsSource(Source):
         return decode_mask(*self._features(index, "mask")[0])
 
 
+class AnnotationError(ValueError):
+    """Lines of an own-data `annotations.jsonl` that cannot be read (all of them, in `problems`)."""
+
+    def __init__(self, path: Path, problems: list[str], lines: int):
+        self.path, self.problems, self.lines = path, problems, lines
+        more = (f" (and {len(problems) - 1} more bad lines of {lines}; list them all with: python -m "
+                f"data_pipelines.own_data {path.parent})") if len(problems) > 1 else ""
+        super().__init__(problems[0] + more)
+
+
 class OwnDataSource(Source):
     """Your own data: `folder/annotations.jsonl` with one `{"image", "mask", "phrase"}` per line.
 
     Paths are relative to the folder (or absolute). Images: any JPEG/PNG/BMP/GIF; masks: PNG,
     single channel or RGB(A)/LA; a pixel non-zero in any colour channel is object (one rule,
     `imageops.decode_mask`, for reading and for the emptiness check). Several lines may share an
-    image (one task per phrase). Validation at construction: a missing file raises an error
-    naming it; an undecodable image/mask, a mask of another size or an empty mask is skipped and
-    counted in a warning (`self.skipped`).
+    image (one task per phrase). Validation at construction: lines that are not an annotation (bad
+    JSON, not an object, a missing key, a missing file) raise one `AnnotationError` listing them all;
+    an undecodable image/mask, a mask of another size or an empty mask is skipped and counted in a
+    warning naming the line (`self.skipped`).
     """
 
     def __init__(self, folder: str | os.PathLike, validate: str = "full"):
@@ -196,53 +207,70 @@ class OwnDataSource(Source):
             raise ValueError(f"validate must be 'full', 'header' or 'none'; got {validate!r}")
         self.skipped: Counter = Counter()
         images, masks, phrases = [], [], []
-        checked: dict[str, tuple | None] = {}
-        with open(ann) as f:
+        checked: dict[tuple, tuple | str] = {}
+        problems: list[str] = []  # fatal: the line cannot be read as an annotation
+        lines = 0
+        with open(ann, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                lines += 1
+                where = f"{ann}:{lineno}"
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{ann}:{lineno}: invalid JSON ({e.msg})") from None
+                    problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                    continue
+                if not isinstance(rec, dict):
+                    problems.append(f"{where}: a JSON {type(rec).__name__}, expected an object "
+                                    "{\"image\": ..., \"mask\": ..., \"phrase\": ...}")
+                    continue
                 missing = [k for k in ("image", "mask", "phrase") if not isinstance(rec.get(k), str) or not rec[k]]
                 if missing:
-                    raise ValueError(f"{ann}:{lineno}: missing or non-string key(s) {missing}; "
-                                     "expected {\"image\": ..., \"mask\": ..., \"phrase\": ...}")
+                    problems.append(f"{where}: missing or non-string key(s) {missing}; "
+                                    "expected {\"image\": ..., \"mask\": ..., \"phrase\": ...}")
+                    continue
                 img_p, mask_p = self.folder / rec["image"], self.folder / rec["mask"]
-                for p in (img_p, mask_p):
-                    if not p.exists():
-                        raise FileNotFoundError(f"{ann}:{lineno}: file not found: {p}")
+                absent = [str(p) for p in (img_p, mask_p) if not p.is_file()]
+                if absent:
+                    problems.append(f"{where}: file not found: {', '.join(absent)}")
+                    continue
                 if validate != "none":
                     size_i = self._check(img_p, validate, checked, is_mask=False)
                     size_m = self._check(mask_p, validate, checked, is_mask=True)
-                    if size_i is None or size_m is None:
+                    bad = [(p, r) for p, r in ((img_p, size_i), (mask_p, size_m)) if isinstance(r, str)]
+                    if bad:
+                        log.warning("own data: skipping %s: unreadable %s (%s)", where, bad[0][0], bad[0][1])
                         self.skipped["unreadable_file"] += 1
                         continue
                     if size_i != size_m[:2]:
-                        log.warning("own data: skipping %s:%d: mask %s is %sx%s, image %s is %sx%s", ann, lineno,
+                        log.warning("own data: skipping %s: mask %s is %sx%s, image %s is %sx%s", where,
                                     mask_p, *size_m[:2], img_p, *size_i)
                         self.skipped["size_mismatch"] += 1
                         continue
                     if validate == "full" and not size_m[2]:
-                        log.warning("own data: skipping %s:%d: mask %s is empty", ann, lineno, mask_p)
+                        log.warning("own data: skipping %s: mask %s is empty", where, mask_p)
                         self.skipped["empty_mask"] += 1
                         continue
                 images.append(os.fspath(img_p))
                 masks.append(os.fspath(mask_p))
                 phrases.append(rec["phrase"])
+        if problems:
+            raise AnnotationError(ann, problems, lines)
         if self.skipped:
             log.warning("own data %s: skipped %d annotation(s): %s", self.folder, sum(self.skipped.values()),
                         dict(self.skipped))
         if not phrases:
             raise ValueError(f"{ann}: no usable annotations")
+        self.lines = lines
         self.phrases = phrases
         self.image_keys = images
         self._images = images
         self._masks = masks
 
     @staticmethod
-    def _check(path: Path, mode: str, cache: dict, is_mask: bool):
+    def _check(path: Path, mode: str, cache: dict, is_mask: bool) -> tuple | str:
+        """(h, w) of an image, (h, w, non-empty) of a mask, or why the file cannot be read."""
         key = (os.fspath(path), is_mask)
         if key in cache:
             return cache[key]
@@ -256,8 +284,7 @@ class OwnDataSource(Source):
                         im.load()
                     res = (im.size[1], im.size[0], True) if is_mask else (im.size[1], im.size[0])
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            log.warning("own data: skipping unreadable %s (%s)", path, e)
-            res = None
+            res = str(e).splitlines()[0] if str(e) else type(e).__name__
         cache[key] = res
         return res
 

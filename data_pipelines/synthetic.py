@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -185,7 +186,8 @@ def generate(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite on the "
+                                  f"command line) to replace it")
     counts = images_per_split if isinstance(images_per_split, dict) else {s: images_per_split for s in SPLITS}
     rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +271,7 @@ def prepare(data_dir: str | os.PathLike, train_images: int = 1500, val_images: i
     return root / "tfds"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output VGPhraseCut_v0 directory")
     p.add_argument("--images-per-split", type=int, default=12)
@@ -278,10 +280,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    path = generate(a.out, a.images_per_split, a.min_size, a.max_size, a.seed, overwrite=a.overwrite)
-    n = sum(len(json.load(open(path / f"refer_{s}.json"))) for s in SPLITS)
+    if a.images_per_split < 0 or not 32 <= a.min_size <= a.max_size:
+        print(f"error: expected --images-per-split >= 0 and 32 <= --min-size <= --max-size; got "
+              f"{a.images_per_split}, {a.min_size}, {a.max_size}", file=sys.stderr)
+        return 2
+    try:
+        path = generate(a.out, a.images_per_split, a.min_size, a.max_size, a.seed, overwrite=a.overwrite)
+    except FileExistsError as e:
+        print(f"error: --out {a.out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: --out {a.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
+    n = sum(len(json.loads((path / f"refer_{s}.json").read_text())) for s in SPLITS)
     print(f"wrote {path} ({n} tasks)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

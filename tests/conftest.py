@@ -5,6 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's persistent compilation cache: one per test session (not the user's), shared by the subprocesses.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("CLIPSEG_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="clipseg-test-xla-"))
 
 import jax  # noqa: E402
 

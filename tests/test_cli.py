@@ -37,7 +37,7 @@ def test_predict_writes_mask_and_overlay(tiny_hf_dir, images, tmp_path):
         "--visual-prompt", f"{images / 'photo.jpg'}:{images / 'mask.png'}", "--out", out, check_rc=0)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["photo__a-cat_mask.png", "photo__a-cat_overlay.png", "photo__a-red-car_mask.png",
-                     "photo__a-red-car_overlay.png", "photo__visual0-mask_mask.png", "photo__visual0-mask_overlay.png"]
+                     "photo__a-red-car_overlay.png", "photo__visual-mask_mask.png", "photo__visual-mask_overlay.png", "prompts.json"]
     m = np.asarray(Image.open(out / "photo__a-cat_mask.png"))
     assert m.shape == (60, 80) and set(np.unique(m)) <= {0, 255}
     assert np.asarray(Image.open(out / "photo__a-cat_overlay.png")).shape == (60, 80, 3)
@@ -69,6 +69,12 @@ def test_convert_round_trip_and_compare(tiny_hf_dir, tmp_path):
     run("convert", "--checkpoint", tiny_hf_dir, "--out", tmp_path / "ours", check_rc=0)
     assert (tmp_path / "ours" / "clipseg_jax.json").exists() and (tmp_path / "ours" / "tokenizer.json").exists()
     run("convert", "--checkpoint", tmp_path / "ours", "--to-hf", "--out", tmp_path / "hf", check_rc=0)
+    # transformers 5 keeps the image processor in processor_config.json: it must survive both conversions
+    from transformers import CLIPSegProcessor
+
+    a, b = CLIPSegProcessor.from_pretrained(tiny_hf_dir), CLIPSegProcessor.from_pretrained(tmp_path / "hf")
+    assert a.image_processor.to_dict() == b.image_processor.to_dict()
+    assert a(text=["a red mug"])["input_ids"] == b(text=["a red mug"])["input_ids"]
     r = run("compare", "--checkpoint", tmp_path / "hf", "--size", "64", check_rc=0)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("text", "visual", "embedding"))]
     assert len(lines) == 3 and all(ln.endswith("OK") for ln in lines), r.stdout

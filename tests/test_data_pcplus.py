@@ -267,6 +267,19 @@ def test_own_data_through_pcplus(tmp_path, caplog):
     assert (b["mask"].reshape(6, -1).max(1) == 1).all()
 
 
+def test_prompts_do_not_double_the_phrase_article(tmp_path):
+    root = tmp_path / "own"
+    lines = _write_own_data(root, 4)
+    for x in lines:
+        x["phrase"] = "a red mug"
+    (root / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    b = take(PCPlus(OwnDataSource(root), batch_size=4, seed=0, process_index=0, process_count=1), 8)
+    prompts = {p.decode() for p in b["prompt"]}
+    assert len(prompts) == 9 and all("red mug" in p for p in prompts), prompts  # all 9 templates drawn
+    assert not [p for p in prompts if any(f"{art} a red" in p for art in ("a", "the", "one"))], prompts
+    assert "a red mug." in prompts  # the "{}." template keeps the phrase's article
+
+
 def test_own_data_empty_mask_rule_is_the_readers(tmp_path):
     """Construction skips a mask as empty exactly when the reader would read no object pixel."""
     root = tmp_path / "own"
@@ -292,7 +305,7 @@ def test_own_data_missing_file_names_it(tmp_path):
     lines = _write_own_data(root, 2)
     lines[1]["mask"] = "nope.png"
     (root / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(ValueError, match=r"annotations.jsonl:2: file not found: .*nope.png"):
         OwnDataSource(root)
     (root / "annotations.jsonl").write_text('{"image": "img0.png"}\n')
     with pytest.raises(ValueError, match=r"annotations.jsonl:1: missing"):

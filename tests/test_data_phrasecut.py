@@ -169,3 +169,16 @@ def test_manual_dir_may_contain_the_folder_itself(tmp_path, manual_dir):
     shutil.copytree(manual_dir, tmp_path / "manual" / "VGPhraseCut_v0")
     b = phrasecut.build(tmp_path / "manual", tmp_path / "d")
     assert b.info.splits["miniv"].num_examples == len(refer(manual_dir, "miniv"))
+
+
+def test_miniv_is_optional(tmp_path, caplog):
+    """PhraseCut's download script can be run with -s train_val_test: no refer_miniv.json."""
+    man = synthetic.generate(tmp_path / "m", {"train": 2, "val": 1, "test": 1}, seed=7)
+    (man / "refer_miniv.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        b = phrasecut.build(man, tmp_path / "d")
+    assert set(b.info.splits) == {"train", "validation", "test"}
+    assert any("refer_miniv.json not found" in r.getMessage() for r in caplog.records)
+    (man / "refer_val.json").unlink()
+    with pytest.raises(FileNotFoundError, match="refer_val.json not found"):
+        phrasecut.build(man, tmp_path / "d2")

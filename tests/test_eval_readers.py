@@ -309,6 +309,10 @@ def test_zero_shot_reader(voc_root, tmp_path):
     np.testing.assert_array_equal(lab, im.resize_nearest(full, (352, 352)))  # palette PNG read as indices
     with pytest.raises(DatasetError, match="uses VOC2012 val"):
         pascal_zs.read_split(voc_root, "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no JPEGImages") as e:
+        pascal_zs.read_split(tmp_path / "empty")
+    assert "Pascal zero-shot needs VOC2012" in str(e.value) and "Pascal-5i" not in str(e.value)
     d = write_voc(tmp_path / "v")
     (d / "ImageSets" / "Segmentation" / "val.txt").write_text("\n")
     with pytest.raises(DatasetError, match="the list is empty"):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from clipseg_jax.prompts import (
     TEMPLATES_SHUFFLE_PLUS,
     VISUAL_PROMPT_MODES,
+    apply_template,
     render_visual_prompt,
     resize_bilinear_align_corners,
     resize_nearest,
@@ -162,6 +163,21 @@ def test_templates():
     assert TEMPLATES_SHUFFLE_PLUS[0] == "a photo of a {}."
     assert TEMPLATES_SHUFFLE_PLUS[3] == "{}."
     assert all(t.count("{}") == 1 for t in TEMPLATES_SHUFFLE_PLUS)
+
+
+@pytest.mark.parametrize("template, phrase, expected", [
+    ("a cropped photo of a {}.", "a red mug", "a cropped photo of a red mug."),
+    ("a photo of a {}.", "An apple", "a photo of a apple."),
+    ("a photo of the {}.", "the kettle", "a photo of the kettle."),
+    ("a photo of one {}.", "a bike", "a photo of one bike."),
+    ("{}.", "a red mug", "a red mug."),                        # no article in the template: kept
+    ("an image of a {}.", "red mug", "an image of a red mug."),  # no article in the phrase
+    ("a photo of a {}.", "athlete", "a photo of a athlete."),    # 'a' starts a word, not an article
+    ("a photo of a {}.", "a", "a photo of a a."),                # nothing would be left
+    ("a photo of a {}.", "theatre seats", "a photo of a theatre seats."),
+])
+def test_templates_do_not_double_an_article(template, phrase, expected):
+    assert apply_template(template, phrase) == expected
 
 
 @pytest.mark.parametrize("mode", VISUAL_PROMPT_MODES)

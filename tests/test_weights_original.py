@@ -8,6 +8,7 @@ residual blocks, ``x @ proj`` projections) and comparing with the HF modules.
 
 from __future__ import annotations
 
+import argparse
 import json
 import zipfile
 from pathlib import Path
@@ -283,6 +284,11 @@ def test_load_errors(tmp_path):
     torch.save({"w": torch.zeros(2), "step": 3}, obj)
     with pytest.raises(ValueError, match=r"obj\.pth: entry 'step' is a int"):
         load_torch_state_dict(obj)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"w": torch.zeros(2), "args": argparse.Namespace(lr=1.0)}, pickled)  # a global weights_only refuses
+    with pytest.raises(ValueError, match=r"pickled\.pth: not a readable PyTorch") as ei:
+        load_torch_state_dict(pickled)
+    assert "\n" not in str(ei.value)  # torch's message runs over many lines; ours is one
     bad_zip = tmp_path / "bad.pth"
     with zipfile.ZipFile(bad_zip, "w") as z:
         z.writestr("archive/data.pkl", b"garbage")
@@ -301,11 +307,39 @@ def test_torchscript_needs_opt_in(tmp_path):
 
     p = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.script(Tiny()), str(p))
-    with pytest.raises(ValueError, match=r"ViT-tiny\.pt: is a TorchScript archive.*allow_torchscript=True"):
+    with pytest.raises(ValueError, match=r"ViT-tiny\.pt: is a TorchScript archive.*--allow-torchscript \(main.py convert\)"):
         load_torch_state_dict(p)
     sd = load_torch_state_dict(p, allow_torchscript=True)
     assert list(sd) == ["proj"] and sd["proj"].dtype == np.float32
     np.testing.assert_array_equal(sd["proj"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    # the CLI's --allow-torchscript reaches the loader: the archive is read, then found not to be a CLIP
+    from clipseg_jax.commands import run_convert
+
+    torch.save({"film_mul.weight": torch.zeros(2)}, tmp_path / "dec.pth")
+    with pytest.raises(ValueError, match="TorchScript"):
+        run_convert(None, str(tmp_path / "o"), original_decoder=str(tmp_path / "dec.pth"), clip_weights=str(p))
+    with pytest.raises(ValueError) as ei:
+        run_convert(None, str(tmp_path / "o"), original_decoder=str(tmp_path / "dec.pth"), clip_weights=str(p),
+                    allow_torchscript=True)
+    assert "TorchScript" not in str(ei.value) and not (tmp_path / "o").exists()
+
+
+def test_converted_original_weights_get_a_working_processor(case, tmp_path):
+    """Original .pth weights carry no tokenizer or image processor: convert --to-hf writes CIDAS-like ones."""
+    from transformers import CLIPSegProcessor
+
+    from clipseg_jax.commands import run_convert
+    from clipseg_jax.tokenizer import CLIPTokenizer
+
+    kw = {} if case["spec"]["extract"] is None else {"extract_layers": case["spec"]["extract"]}
+    out = run_convert(None, str(tmp_path / "hf"), to_hf=True, original_decoder=str(case["dec_path"]),
+                      clip_weights=str(case["clip_path"]), **kw)
+    proc = CLIPSegProcessor.from_pretrained(out)
+    texts = ["a photo of a cat", "A Red umbrella!"]
+    ids, _ = CLIPTokenizer.from_pretrained(None)(texts)
+    got = proc(text=texts, padding="max_length", max_length=ids.shape[1], return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(got, ids)
+    assert proc.image_processor.size == {"height": 352, "width": 352} and proc.image_processor.resample == 2
 
 
 def _full_size_original(reduce_dim: int, refined: bool) -> tuple[dict, dict]:

@@ -102,8 +102,10 @@ def main_eval(args) -> int:
         _validate_args(args)
         # Look at the data before loading the model, so a wrong --data-dir fails fast.
         _precheck_data(args)
+        from clipseg_jax.compile_cache import enable_compilation_cache
         from clipseg_jax.evaluate._engine import Engine
 
+        enable_compilation_cache()
         t0 = time.time()
         engine = Engine.load(args.checkpoint, dtype=getattr(args, "dtype", "float32"), batch_size=args.batch_size)
         support = getattr(args, "support", "visual") or "visual"

@@ -72,12 +72,14 @@ def fold_classes(fold: int) -> list[int]:
     return list(range(5 * fold + 1, 5 * fold + 6))
 
 
-def find_voc_root(data_dir) -> Path:
+def find_voc_root(data_dir, instructions: str = INSTRUCTIONS) -> Path:
+    """The VOC2012 folder: `data_dir` itself, or VOC2012/ or VOCdevkit/VOC2012/ below it. `instructions`: what
+    the calling protocol needs, for the error."""
     d = require_dir(data_dir)
     for cand in (d, d / "VOC2012", d / "VOCdevkit" / "VOC2012"):
         if (cand / "JPEGImages").is_dir():
             return cand
-    raise DatasetError(f"--data-dir {d}: no JPEGImages/ in it or in VOC2012/ below it. {INSTRUCTIONS}")
+    raise DatasetError(f"--data-dir {d}: no JPEGImages/ in it or in VOC2012/ below it. {instructions}")
 
 
 def read_list(root: Path) -> tuple[list[tuple[Path, Path]], str]:

@@ -85,7 +85,7 @@ def seen_classes(n_unseen: int) -> tuple[int, ...]:
 def read_split(data_dir, split: str = "val") -> tuple[Path, list[tuple[str, Path, Path]]]:
     if split not in ("val", "test"):
         raise DatasetError(f"--split {split!r}: the Pascal zero-shot protocol uses VOC2012 val (pass val or test)")
-    root = find_voc_root(data_dir)
+    root = find_voc_root(data_dir, INSTRUCTIONS)
     ids_file = root / "ImageSets" / "Segmentation" / "val.txt"
     if not ids_file.is_file():
         raise DatasetError(f"{ids_file}: not found. {INSTRUCTIONS}")

@@ -173,11 +173,44 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items() if hasattr(v, "detach")}
 
 
-def write_hf_directory(model: CLIPSeg, out_dir: str | os.PathLike, extra_files: Mapping[str, str | os.PathLike] = ()) -> Path:
+def default_processor_files(image_size: int = 352) -> dict[str, bytes]:
+    """The files of a `CLIPSegProcessor` like CIDAS' (ImageNet mean/std, resize to 352 with PIL bilinear; OpenAI's
+    BPE vocabulary as shipped with this package), for a checkpoint that came without them (original `.pth`
+    weights, a model trained from a random or OpenAI CLIP)."""
+    from clipseg_jax.tokenizer import shipped_vocab_and_merges
+
+    vocab, merges = shipped_vocab_and_merges()
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+    processor = {
+        "image_processor": {
+            "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+            "image_processor_type": "ViTImageProcessor", "image_std": [0.229, 0.224, 0.225], "resample": 2,
+            "rescale_factor": 1 / 255, "size": {"height": image_size, "width": image_size},
+        },
+        "processor_class": "CLIPSegProcessor",
+    }
+    tok_config = {**special, "model_max_length": 77, "processor_class": "CLIPSegProcessor",
+                  "tokenizer_class": "CLIPTokenizer"}
+
+    def dump(obj) -> bytes:
+        return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+    return {
+        "vocab.json": dump(vocab),
+        "merges.txt": ("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n").encode(),
+        "tokenizer_config.json": dump(tok_config),
+        "special_tokens_map.json": dump(special),
+        "processor_config.json": dump(processor),
+    }
+
+
+def write_hf_directory(model: CLIPSeg, out_dir: str | os.PathLike,
+                       extra_files: Mapping[str, str | os.PathLike | bytes] = ()) -> Path:
     """Write `config.json` + `model.safetensors` that `CLIPSegForImageSegmentation.from_pretrained` loads.
 
     Written to a temporary sibling directory, then renamed, so a failure leaves nothing half-written.
-    `extra_files` maps file names (e.g. tokenizer files) to sources to copy alongside.
+    `extra_files` maps file names (e.g. tokenizer files) to a source path to copy, or to the file's bytes.
     """
     import shutil
 
@@ -189,5 +222,8 @@ def write_hf_directory(model: CLIPSeg, out_dir: str | os.PathLike, extra_files: 
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         save_file(state_dict_from_model(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, src in dict(extra_files).items():
-            shutil.copyfile(src, tmp / name)
+            if isinstance(src, bytes):
+                (tmp / name).write_bytes(src)
+            else:
+                shutil.copyfile(src, tmp / name)
     return Path(out_dir)

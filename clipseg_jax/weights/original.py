@@ -68,17 +68,18 @@ def load_torch_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = 
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / pickle errors / ValueError
         if not _is_torchscript_archive(path):
-            raise ValueError(f"{path}: not a readable PyTorch state-dict checkpoint ({type(e).__name__}: {e})") from e
+            raise ValueError(f"{path}: not a readable PyTorch state-dict checkpoint ({_first_line(e)})") from e
         if not allow_torchscript:
             raise ValueError(
-                f"{path}: is a TorchScript archive (loading it executes code from the file); pass allow_torchscript=True "
-                f"if you trust it, or extract a plain state dict once with: python -c \"import torch; "
+                f"{path}: is a TorchScript archive (loading it executes code from the file); if you trust it, pass "
+                f"--allow-torchscript (main.py convert) or allow_torchscript=True (Python), or extract a plain state "
+                f"dict once with: python -c \"import torch; "
                 f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), 'clip_state_dict.pth')\""
             ) from e
         try:
             obj = torch.jit.load(path, map_location="cpu").state_dict()
         except Exception as e2:
-            raise ValueError(f"{path}: torch.jit.load failed ({type(e2).__name__}: {e2})") from e2
+            raise ValueError(f"{path}: torch.jit.load failed ({_first_line(e2)})") from e2
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict (mapping name -> tensor), got {type(obj).__name__}")
     out = {}
@@ -92,6 +93,12 @@ def load_torch_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    """`Type: message` on one line: torch's unpickling errors run over many paragraphs of advice."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 class _Source:
     """Tracks which source keys were consumed; shape-checked access with one-line errors."""
 

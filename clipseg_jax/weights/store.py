@@ -3,7 +3,7 @@
 Layout of a checkpoint directory:
     clipseg_jax.json   {"format": "clipseg_jax", "version": 1, "config": <HF config dict>}
     params/            orbax StandardCheckpointer tree: the parameter tree (our layout, str keys, float32)
-    tokenizer files    copied from the source checkpoint when it had them
+    processor files    the tokenizer's and image processor's files, copied from the source checkpoint when it had them
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from clipseg_jax.weights import hf
 MARKER = "clipseg_jax.json"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# What `CLIPSegProcessor.from_pretrained` reads: the tokenizer's files and the image processor's config
+# (transformers 5 writes processor_config.json, earlier versions preprocessor_config.json).
+PROCESSOR_FILES = (*TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -64,7 +67,7 @@ def save(model: CLIPSeg, out_dir: str | os.PathLike, tokenizer_dir: str | os.Pat
 def _tokenizer_files(d: str | os.PathLike | None) -> Iterable[str]:
     if d is None:
         return ()
-    return [n for n in TOKENIZER_FILES if (Path(d) / n).is_file()]
+    return [n for n in PROCESSOR_FILES if (Path(d) / n).is_file()]
 
 
 def read_config(path: str | os.PathLike) -> CLIPSegConfig:
