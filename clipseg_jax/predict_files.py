@@ -185,8 +185,13 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
-def _save_png(img: Image.Image) -> Callable[[Path], None]:
-    return lambda tmp: img.save(tmp, format="PNG")
+def _save_png(img: Image.Image, compress_level: int = 6) -> Callable[[Path], None]:
+    return lambda tmp: img.save(tmp, format="PNG", compress_level=compress_level)
+
+
+# Overlays and probabilities are photo-like: zlib level 1 encodes a 4 MP overlay in 0.32 s instead of 1.75 s at
+# PIL's default 6, for a file 14 % larger (5.5 -> 6.2 MB). Binary masks stay at 6 (small either way).
+FAST_PNG = 1
 
 
 def _save_npy(arr: np.ndarray) -> Callable[[Path], None]:
@@ -237,12 +242,12 @@ def write_outputs(job: Job, image: np.ndarray, probs: np.ndarray, threshold: flo
     for p in probs:
         write_atomic(next(outputs), _save_png(Image.fromarray(((p > threshold) * 255).astype(np.uint8), "L")))
         if not no_overlay:
-            write_atomic(next(outputs), _save_png(Image.fromarray(overlay(image, p, threshold))))
+            write_atomic(next(outputs), _save_png(Image.fromarray(overlay(image, p, threshold)), FAST_PNG))
         if save_probs == "npy":
             write_atomic(next(outputs), _save_npy(p.astype(np.float32)))
         elif save_probs:
             q = np.round(np.clip(p, 0.0, 1.0) * 65535.0).astype(np.uint16)
-            write_atomic(next(outputs), _save_png(Image.fromarray(q)))
+            write_atomic(next(outputs), _save_png(Image.fromarray(q), FAST_PNG))
     return len(job.outputs)
 
 
