@@ -1,12 +1,16 @@
-"""Writing directories so that a failure leaves nothing half-written."""
+"""Writing files and directories so that a failure (or a kill) leaves nothing half-written."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+# Temporary files are hidden siblings ending in this suffix, so a later run can find what a `kill -9` left.
+PARTIAL_SUFFIX = ".clipseg-partial"
 
 
 @contextlib.contextmanager
@@ -29,3 +33,17 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` to a hidden temporary sibling of `path` (unique per process and thread), then rename it over
+    `path`: `path` is complete or as it was. The folder must exist."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{PARTIAL_SUFFIX}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

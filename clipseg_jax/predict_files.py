@@ -32,8 +32,9 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from clipseg_jax._io import PARTIAL_SUFFIX, write_atomic
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-PARTIAL_SUFFIX = ".clipseg-partial"
 PROMPTS_FILE = "prompts.json"
 
 
@@ -173,18 +174,6 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
 # -- outputs ---------------------------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a hidden temporary name beside `path`, then rename: `path` is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{PARTIAL_SUFFIX}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_png(img: Image.Image, compress_level: int = 6) -> Callable[[Path], None]:
     return lambda tmp: img.save(tmp, format="PNG", compress_level=compress_level)
 
@@ -238,6 +227,7 @@ def plan(images: Sequence[Path], names: Sequence[str], out: Path, no_overlay: bo
 def write_outputs(job: Job, image: np.ndarray, probs: np.ndarray, threshold: float, no_overlay: bool,
                   save_probs: str | None) -> int:
     """All files of one image (returns how many); `probs` (K, H, W) in the order of the prompt names."""
+    job.outputs[0].parent.mkdir(parents=True, exist_ok=True)
     outputs = iter(job.outputs)
     for p in probs:
         write_atomic(next(outputs), _save_png(Image.fromarray(((p > threshold) * 255).astype(np.uint8), "L")))
@@ -334,7 +324,6 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
 
     batches = [list(jobs[i:i + batch_size]) for i in range(0, len(jobs), batch_size)]
     bar = tqdm(total=len(jobs), unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    signals = interrupt_on_signals().__enter__()
     lock = threading.Lock()
 
     def finished(f: Future) -> None:
@@ -344,43 +333,43 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
                 summary.files += f.result()
         bar.update(1)
 
-    decoder = ThreadPoolExecutor(threads, thread_name_prefix="clipseg-decode")
-    writer = ThreadPoolExecutor(threads, thread_name_prefix="clipseg-write")
-    writing: list[list[Future]] = []
-    try:
-        ahead = [decoder.submit(decode, j) for j in batches[0]] if batches else []
-        for b in range(len(batches)):
-            decoded = [f.result() for f in ahead]
-            # the next batch decodes while this one runs on the device
-            ahead = [decoder.submit(decode, j) for j in batches[b + 1]] if b + 1 < len(batches) else []
-            ok = [(job, arrays) for job, arrays, err in decoded if err is None]
-            summary.failed += [err for _, _, err in decoded if err is not None]
-            bar.update(len(decoded) - len(ok))
-            if ok:
-                pixels = np.stack([small for _, (_, small) in ok])
-                probs = predictor.predict_resized(pixels, [full.shape[:2] for _, (full, _) in ok], cond)
-                futures = []
-                for (job, (full, _)), p in zip(ok, probs):
-                    fut = writer.submit(write_outputs, job, full, p, threshold, no_overlay, save_probs)
-                    fut.add_done_callback(finished)
-                    futures.append(fut)
-                writing.append(futures)
-                del decoded, ok, pixels, probs, futures
-            # at most two batches of outputs wait for the writers: memory stays bounded by the batch size
-            while len(writing) > 2:
-                for f in writing.pop(0):
+    with interrupt_on_signals():
+        decoder = ThreadPoolExecutor(threads, thread_name_prefix="clipseg-decode")
+        writer = ThreadPoolExecutor(threads, thread_name_prefix="clipseg-write")
+        writing: list[list[Future]] = []
+        try:
+            ahead = [decoder.submit(decode, j) for j in batches[0]] if batches else []
+            for b in range(len(batches)):
+                decoded = [f.result() for f in ahead]
+                # the next batch decodes while this one runs on the device
+                ahead = [decoder.submit(decode, j) for j in batches[b + 1]] if b + 1 < len(batches) else []
+                ok = [(job, arrays) for job, arrays, err in decoded if err is None]
+                summary.failed += [err for _, _, err in decoded if err is not None]
+                bar.update(len(decoded) - len(ok))
+                if ok:
+                    pixels = np.stack([small for _, (_, small) in ok])
+                    probs = predictor.predict_resized(pixels, [full.shape[:2] for _, (full, _) in ok], cond)
+                    futures = []
+                    for (job, (full, _)), p in zip(ok, probs):
+                        fut = writer.submit(write_outputs, job, full, p, threshold, no_overlay, save_probs)
+                        fut.add_done_callback(finished)
+                        futures.append(fut)
+                    writing.append(futures)
+                    del decoded, ok, pixels, probs, futures
+                # at most two batches of outputs wait for the writers: memory stays bounded by the batch size
+                while len(writing) > 2:
+                    for f in writing.pop(0):
+                        f.result()
+            for futures in writing:
+                for f in futures:
                     f.result()
-        for futures in writing:
-            for f in futures:
-                f.result()
-    except Interrupted as e:
-        summary.interrupted = e.signum
-    finally:
-        decoder.shutdown(wait=True, cancel_futures=True)
-        # files being written are finished (they are complete once renamed); queued ones are dropped
-        writer.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        signals.__exit__(None, None, None)
+        except Interrupted as e:
+            summary.interrupted = e.signum
+        finally:
+            decoder.shutdown(wait=True, cancel_futures=True)
+            # files being written are finished (they are complete once renamed); queued ones are dropped
+            writer.shutdown(wait=True, cancel_futures=True)
+            bar.close()
     return summary
 
 

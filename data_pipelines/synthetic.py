@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         path = generate(a.out, a.images_per_split, a.min_size, a.max_size, a.seed, overwrite=a.overwrite)
-    except FileExistsError as e:
+    except FileExistsError:
         print(f"error: --out {a.out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
         return 2
     except OSError as e:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from clipseg_jax._io import write_atomic
 from clipseg_jax.evaluate._common import DatasetError
 
 __all__ = ["DatasetError", "DATASETS", "run_eval", "main_eval", "write_json_atomic"]
@@ -28,19 +28,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise DatasetError(f"--output {path}: directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def run_eval(engine, dataset: str, data_dir, *, split: str = "test", fold: int = 0, support: str = "visual",

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clipseg_jax._io import write_atomic
 from clipseg_jax.train import state as st
 from clipseg_jax.train.checkpoint import Checkpoints, fingerprint
 from clipseg_jax.train.config import ConfigError, to_json
@@ -159,15 +160,11 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep)))
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 # -- the trainer -------------------------------------------------------------------------------------------------
