@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         it = pipe.iterator()  # numpy batches, as the trainer consumes them
         for _ in range(a.warmup):
             next(it)
-        pids = [p.pid for p in it._it._procs] if workers else []
+        # the worker processes (children of this process; started by the first batches)
+        pids = [p.pid for p in multiprocessing.active_children()] if workers else []
         reps = []
         for _ in range(a.repeats):
             t0, c0 = time.perf_counter(), time.process_time() + _cpu_seconds(pids)

@@ -6,11 +6,39 @@
     probs = pred.predict(["cats.jpg"], ["a cat", "a remote"])              # (1, 2, H, W) in [0, 1]
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from clipseg_jax.config import CLIPSegConfig, TextConfig, VisionConfig
-from clipseg_jax.loading import from_pretrained
-from clipseg_jax.model.clipseg import CLIPSeg, CLIPSegOutput
-from clipseg_jax.predict import Predictor
-from clipseg_jax.tokenizer import CLIPTokenizer
+
+# Heavy names (jax, flax, the model) load on first use: `import clipseg_jax` stays cheap for the data
+# pipelines' worker processes and for tools that only read configs.
+_LAZY = {
+    "CLIPSeg": "clipseg_jax.model.clipseg",
+    "CLIPSegOutput": "clipseg_jax.model.clipseg",
+    "CLIPTokenizer": "clipseg_jax.tokenizer",
+    "Predictor": "clipseg_jax.predict",
+    "from_pretrained": "clipseg_jax.loading",
+}
+
+if TYPE_CHECKING:
+    from clipseg_jax.loading import from_pretrained
+    from clipseg_jax.model.clipseg import CLIPSeg, CLIPSegOutput
+    from clipseg_jax.predict import Predictor
+    from clipseg_jax.tokenizer import CLIPTokenizer
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'clipseg_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CLIPSeg",

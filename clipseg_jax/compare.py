@@ -90,14 +90,14 @@ def standard_inputs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(pixels, ids, mask, conditional pixels) for `compare`: the given images (or smooth random ones) resized like
     the HF processor, one prompt per image (cycled), and the images in reverse order as visual prompts."""
-    from clipseg_jax.predict import resize_uint8
+    from clipseg_jax.resize import pil_bilinear
 
     rng = np.random.default_rng(seed)
     if not images:
         # Smooth random images: low-frequency noise upsampled, so they look like something to the encoder.
-        images = [resize_uint8((rng.random((8, 8, 3)) * 255).astype(np.uint8), size) for _ in range(len(prompts))]
+        images = [pil_bilinear((rng.random((8, 8, 3)) * 255).astype(np.uint8), (size, size)) for _ in range(len(prompts))]
     n = len(images)
-    u8 = np.stack([resize_uint8(np.asarray(im), size) for im in images])
+    u8 = np.stack([pil_bilinear(np.asarray(im), (size, size)) for im in images])
     x = (u8.astype(np.float32) / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     texts = [prompts[i % len(prompts)] for i in range(n)]
     ids, mask = tokenizer(texts)

@@ -66,11 +66,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipseg_jax.resize import bilinear_with_taps_jax, torch_bilinear_align_corners_taps
+
 __all__ = [
     "THRESHOLDS",
     "FixedThresholdMetrics",
     "threshold_counts",
-    "resize_bilinear_align_corners",
     "simpson_avg",
     "confusion_matrix",
 ]
@@ -99,25 +100,8 @@ def _threshold_index(grid: np.ndarray, t: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# Resizing (PyTorch's bilinear, align_corners=True)
+# Resize taps padded to size buckets (one compiled kernel per bucket, not per image size)
 # ----------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def _align_corners_taps(n_in: int, n_out: int):
-    """Source indices and weights of ``F.interpolate(..., 'bilinear', align_corners=True)``
-    along one axis, computed in float32 like PyTorch's CPU kernel."""
-    if n_out > 1:
-        scale = np.float32(n_in - 1) / np.float32(n_out - 1)
-    else:
-        scale = np.float32(0.0)
-    src = np.arange(n_out, dtype=np.float32) * np.float32(scale)
-    i0 = np.floor(src).astype(np.int32)
-    i0 = np.minimum(i0, n_in - 1)
-    i1 = np.where(i0 < n_in - 1, i0 + 1, i0).astype(np.int32)
-    lam1 = (src - i0.astype(np.float32)).astype(np.float32)
-    lam0 = (np.float32(1.0) - lam1).astype(np.float32)
-    return i0, i1, lam0, lam1
 
 
 _BUCKET = 64
@@ -129,41 +113,14 @@ def _bucket(n: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _padded_taps(n_in: int, n_out: int, n_pad: int):
-    """``_align_corners_taps`` extended to ``n_pad`` outputs (extra outputs: index 0, weight 0)."""
-    i0, i1, l0, l1 = _align_corners_taps(n_in, n_out)
+    """``torch_bilinear_align_corners_taps`` extended to ``n_pad`` outputs (extra outputs: index 0, weight 0)."""
+    i0, i1, l0, l1 = torch_bilinear_align_corners_taps(n_in, n_out)
     extra = n_pad - n_out
     if extra == 0:
         return i0, i1, l0, l1
     zi = np.zeros(extra, np.int32)
     zf = np.zeros(extra, np.float32)
     return (np.concatenate([i0, zi]), np.concatenate([i1, zi]), np.concatenate([l0, zf]), np.concatenate([l1, zf]))
-
-
-def _resize_with_taps(x, ty, tx):
-    """x: (B, h, w) float32 -> (B, H, W) using precomputed taps."""
-    y0, y1, ly0, ly1 = ty
-    x0, x1, lx0, lx1 = tx
-    r0 = jnp.take(x, y0, axis=1)
-    r1 = jnp.take(x, y1, axis=1)
-    lx0 = lx0[None, None, :]
-    lx1 = lx1[None, None, :]
-    top = lx0 * jnp.take(r0, x0, axis=2) + lx1 * jnp.take(r0, x1, axis=2)
-    bot = lx0 * jnp.take(r1, x0, axis=2) + lx1 * jnp.take(r1, x1, axis=2)
-    return ly0[None, :, None] * top + ly1[None, :, None] * bot
-
-
-def resize_bilinear_align_corners(x, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of ``x`` (B, h, w) to (B, H, W) with ``align_corners=True``
-    (same index and weight formulas as ``torch.nn.functional.interpolate``)."""
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim != 3:
-        raise ValueError(f"resize_bilinear_align_corners: expected (B, h, w), got shape {tuple(x.shape)}")
-    H, W = int(size[0]), int(size[1])
-    if (x.shape[1], x.shape[2]) == (H, W):
-        return x
-    ty = tuple(jnp.asarray(a) for a in _align_corners_taps(x.shape[1], H))
-    tx = tuple(jnp.asarray(a) for a in _align_corners_taps(x.shape[2], W))
-    return _resize_with_taps(x, ty, tx)
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,7 +139,7 @@ def _count_kernel(probs, targets, valid, thresholds, ty, tx, resize: bool):
     probs = probs.astype(jnp.float32)
     bad = jnp.sum(~((probs >= 0.0) & (probs <= 1.0)), axis=(1, 2)).astype(jnp.int32)
     if resize:
-        probs = _resize_with_taps(probs, ty, tx)
+        probs = bilinear_with_taps_jax(probs, ty, tx)
     return threshold_counts(probs, targets, valid, thresholds), bad
 
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipseg_jax.model.clipseg import CLIPSeg
 from clipseg_jax.prompts import IMAGENET_MEAN, IMAGENET_STD
+from clipseg_jax.resize import pil_bilinear, torch_bilinear_matrix
 from clipseg_jax.tokenizer import CLIPTokenizer
 
 PROMPT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -84,30 +85,11 @@ def load_image(image: ImageLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    """HF `ViTImageProcessor` resize: PIL bilinear (antialiased when shrinking) on the uint8 image."""
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of `torch.nn.functional.interpolate(mode='bilinear', align_corners=False)` on one axis."""
-    m = np.zeros((n_out, n_in), np.float32)
-    src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    i0 = np.floor(src).astype(int)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    t = (src - i0).astype(np.float32)
-    m[np.arange(n_out), i0] += 1 - t
-    m[np.arange(n_out), i1] += t
-    return m
-
-
 def resize_probs(p: np.ndarray, h: int, w: int) -> np.ndarray:
     """(K, S, S) -> (K, h, w) bilinear, as two small matmuls on the host (no recompilation per image size)."""
     if p.shape[-2:] == (h, w):
         return p
-    mh, mw = bilinear_matrix(p.shape[-2], h), bilinear_matrix(p.shape[-1], w)
+    mh, mw = torch_bilinear_matrix(p.shape[-2], h), torch_bilinear_matrix(p.shape[-1], w)
     return np.clip(np.einsum("hi,kij,wj->khw", mh, p, mw, optimize=True), 0.0, 1.0)
 
 
@@ -292,7 +274,7 @@ class Predictor:
         """-> (N, S, S, 3) uint8 resized like the HF processor, and each image's original (H, W)."""
         def one(im):
             a = load_image(im)
-            return resize_uint8(a, self.image_size), a.shape[:2]
+            return pil_bilinear(a, (self.image_size, self.image_size)), a.shape[:2]
 
         if len(images) > 1 and self._host_threads > 1:
             if self._pool is None:
@@ -356,7 +338,7 @@ class Predictor:
                     end += 1
                 part = probs[start:end]
                 if part.shape[-2:] != (h, w):
-                    mh, mw = bilinear_matrix(part.shape[-2], h), bilinear_matrix(part.shape[-1], w)
+                    mh, mw = torch_bilinear_matrix(part.shape[-2], h), torch_bilinear_matrix(part.shape[-1], w)
                     part = self._jit_resize(part, mh, mw)
                 out.extend(np.asarray(part))
                 start = end

@@ -309,7 +309,8 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
     (`Summary.interrupted`); nothing partial is left."""
     from tqdm import tqdm
 
-    from clipseg_jax.predict import load_image, resize_uint8
+    from clipseg_jax.predict import load_image
+    from clipseg_jax.resize import pil_bilinear
 
     threads = threads or min(8, os.cpu_count() or 1)
     summary = Summary()
@@ -320,7 +321,7 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
             a = load_image(job.image)
         except (ValueError, OSError) as e:
             return job, None, str(e)
-        return job, (a, resize_uint8(a, size)), None
+        return job, (a, pil_bilinear(a, (size, size))), None
 
     batches = [list(jobs[i:i + batch_size]) for i in range(0, len(jobs), batch_size)]
     bar = tqdm(total=len(jobs), unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr)

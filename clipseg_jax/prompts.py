@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from clipseg_jax.resize import torch_bilinear_align_corners, torch_nearest, torch_nearest_index
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -27,8 +29,6 @@ __all__ = [
     "apply_template",
     "render_visual_prompt",
     "render_visual_prompt_square_u8",
-    "resize_bilinear_align_corners",
-    "resize_nearest",
     "visual_prompt_read_region",
 ]
 
@@ -100,48 +100,6 @@ def apply_template(template: str, phrase: str) -> str:
                 phrase = phrase[len(art):].lstrip()
                 break
     return prefix + phrase + suffix
-
-
-def resize_bilinear_align_corners(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize with align_corners=True (torch `F.interpolate` as the original uses it).
-
-    image: (H, W, C) or (H, W), any numeric dtype; returns float32.
-    """
-    img = np.asarray(image, dtype=np.float32)
-    h, w = img.shape[:2]
-    oh, ow = size
-
-    def coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if n_out == 1 or n_in == 1:
-            src = np.zeros(n_out, dtype=np.float64)
-        else:
-            src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
-        i0 = np.clip(np.floor(src).astype(np.int64), 0, n_in - 1)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        return i0, i1, (src - i0).astype(np.float32)
-
-    y0, y1, fy = coords(h, oh)
-    x0, x1, fx = coords(w, ow)
-    extra = (slice(None),) + (None,) * (img.ndim - 1)
-    extra_x = (None, slice(None)) + (None,) * (img.ndim - 2)
-    top = img[y0] * (1 - fy)[extra] + img[y1] * fy[extra]
-    return top[:, x0] * (1 - fx)[extra_x] + top[:, x1] * fx[extra_x]
-
-
-def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest resize with torch's legacy 'nearest' rule: src = floor(dst * in / out).
-
-    Integer arithmetic, so the floor is exact (a float ratio can land just below an integer);
-    `prompts_jax` uses the same formula.
-    """
-    h, w = array.shape[:2]
-    oh, ow = size
-    return array[_nearest_src(h, oh)][:, _nearest_src(w, ow)]
-
-
-def _nearest_src(n_in: int, n_out: int) -> np.ndarray:
-    """Source index of each output of a nearest resize n_in -> n_out: min(floor(dst * n_in / n_out), n_in - 1)."""
-    return np.minimum(np.arange(n_out, dtype=np.int64) * n_in // n_out, n_in - 1)
 
 
 def _normalize(image_u8: np.ndarray) -> np.ndarray:
@@ -232,8 +190,8 @@ def render_visual_prompt(
         raise ValueError("mask is empty: a visual prompt needs at least one foreground pixel")
 
     if image.shape[:2] != (size, size):
-        image = np.clip(np.rint(resize_bilinear_align_corners(image, (size, size))), 0, 255).astype(np.uint8)
-        mask = resize_nearest(mask, (size, size))
+        image = np.clip(np.rint(torch_bilinear_align_corners(image, (size, size))), 0, 255).astype(np.uint8)
+        mask = torch_nearest(mask, (size, size))
         if not mask.any():
             raise ValueError(f"mask vanished when resized to {size}x{size}; object too small")
 
@@ -247,7 +205,7 @@ def render_visual_prompt(
         if context is not None:
             y0, y1, x0, x1 = mask_crop_box(mask, context)
             out = _pad_to_square(out[y0:y1, x0:x1])
-            out = resize_nearest(out, (size, size))
+            out = torch_nearest(out, (size, size))
         out = out + offset
     else:
         out = _elementwise_prompt(mode, x, m)
@@ -376,7 +334,7 @@ def render_visual_prompt_square_u8(image: np.ndarray, mask: np.ndarray, mode: st
         return _into(comp, out)
 
     # Pad to a square of the mean colour (0 in normalised space), then nearest-resize back to
-    # h x w with the rule of `resize_nearest` (src = floor(dst * n / h)). Only the output rows
+    # h x w with torch's nearest rule (`torch_nearest_index`). Only the output rows
     # and columns whose source lies inside the box are gathered (as 32-bit RGBA pixels); the
     # others are the pad colour.
     ch, cw = y1 - y0, x1 - x0
@@ -408,7 +366,7 @@ def _into(res: np.ndarray, out: np.ndarray | None) -> np.ndarray:
 @functools.lru_cache(maxsize=4096)
 def _nearest_span(n: int, size: int, start: int, length: int) -> tuple[np.ndarray, int]:
     """Nearest resize n -> size: (source indices - start, first output) of the outputs whose source is in [start, start+length)."""
-    src = _nearest_src(n, size)
+    src = torch_nearest_index(n, size)
     lo, hi = np.searchsorted(src, [start, start + length])
     idx = src[lo:hi] - start
     idx.flags.writeable = False

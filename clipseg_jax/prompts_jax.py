@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipseg_jax.resize import torch_nearest_index_jax
 from clipseg_jax.prompts import (
     _BLUR_RADIUS,
     _PREPROCESS_MODES,
@@ -82,7 +83,7 @@ def render_visual_prompt_jax(image: jax.Array, mask: jax.Array, mode: str = "cro
             ch, cw = y1 - y0, x1 - x0
             n = jnp.maximum(ch, cw)
             # pad the crop to an n x n square (zeros = mean colour), nearest-resize it back to s
-            src = jnp.minimum(jnp.arange(s) * n // s, n - 1)
+            src = torch_nearest_index_jax(n, s, s)
             iy, ix = src - (n - ch) // 2, src - (n - cw) // 2
             valid = ((iy >= 0) & (iy < ch))[:, None] & ((ix >= 0) & (ix < cw))[None, :]
             rows = jnp.clip(y0 + iy, 0, s - 1)

@@ -1,9 +1,9 @@
 """Data pipelines of clipseg-jax: PhraseCut TFDS builder, PC+ tf.data pipeline, own data.
 
-Importing this package registers the TFDS builder `phrasecut`.
+Importing this package imports neither TensorFlow nor TFDS (worker processes import it); the TFDS builder
+`phrasecut` is registered when `data_pipelines.phrasecut` is imported (`TfdsSource` does), and
+`data_pipelines.Phrasecut` imports it on first use.
 """
-from data_pipelines import phrasecut  # noqa: F401  (registers the `phrasecut` TFDS builder)
-from data_pipelines.phrasecut import Phrasecut  # noqa: F401
 
 SOURCES = ("tfds", "cached", "own", "synthetic")
 
@@ -90,3 +90,11 @@ def make_pcplus(config, source=None, **overrides):
               workers=config.get("workers", 0), with_visual=config.get("with_visual", True))
     kw.update(overrides)
     return PCPlus(source, **kw)
+
+
+def __getattr__(name: str):
+    if name == "Phrasecut":
+        from data_pipelines.phrasecut import Phrasecut
+
+        return Phrasecut
+    raise AttributeError(f"module 'data_pipelines' has no attribute {name!r}")

@@ -12,14 +12,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from clipseg_jax.prompts import resize_nearest
-
 __all__ = [
     "decode_image",
     "decode_mask",
     "pick_square_crop",
-    "resize_bilinear_u8",
-    "resize_nearest",
     "short_side_shape",
 ]
 
@@ -57,30 +53,6 @@ def decode_mask(data: bytes | np.ndarray, name: str = "mask") -> np.ndarray:
     if m.ndim == 3:  # colour channels only: BGR(A) -> the first 3, gray + alpha -> the first
         m = m[:, :, :3 if m.shape[2] >= 3 else 1].max(axis=2)
     return (m > 0).view(np.uint8)
-
-
-def resize_bilinear_u8(image: np.ndarray, oh: int, ow: int, out: np.ndarray | None = None,
-                       origin: tuple[float, float] = (0.0, 0.0), scale: tuple[float, float] | None = None) -> np.ndarray:
-    """Bilinear resize with align_corners=True (torch's `interpolate` as CLIPSeg uses it), uint8.
-
-    One `cv2.warpAffine` with the inverse map src = origin + dst * (n_in - 1) / (n_out - 1):
-    OpenCV samples the source at 1/32-px positions with fixed-point weights; tested within 1
-    level of the exact float reference (`clipseg_jax.prompts.resize_bilinear_align_corners`,
-    rounded) on photos, noise and up/down-scaling. `origin` / `scale` (src pixels per dst
-    pixel, (y, x)) evaluate a sub-rectangle of a larger resize: output pixel (i, j) is then the
-    full resize's pixel (i + oy / sy, j + ox / sx). `image` may be a strided window; `out`, when
-    given, is written in place (it must be C-contiguous (oh, ow, 3)).
-    """
-    h, w = image.shape[:2]
-    if scale is None:
-        scale = ((h - 1) / (oh - 1) if oh > 1 else 0.0, (w - 1) / (ow - 1) if ow > 1 else 0.0)
-    m = np.array([[scale[1], 0.0, origin[1]], [0.0, scale[0], origin[0]]])
-    res = cv2.warpAffine(image, m, (ow, oh), dst=out, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_REPLICATE)
-    if out is not None and res is not out and not np.shares_memory(res, out):
-        out[...] = res
-        return out
-    return res
 
 
 def crop_cumsum(mask: np.ndarray) -> np.ndarray:

@@ -18,13 +18,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
+from clipseg_jax.evaluate.phrasecut import INVALID_IMAGE_IDS
 from clipseg_jax.polygons import polygons_mask
 
 log = logging.getLogger(__name__)
-
-# Image ids whose annotated size does not match the image (timojl/clipseg datasets/phrasecut.py).
-INVALID_IMAGE_IDS = frozenset({150417, 285665, 498246, 61564, 285743, 498269, 498010, 150516, 150344,
-                               286093, 61530, 150333, 286065, 285814, 498187, 285761, 498042})
 
 # TFDS split name -> refer file suffix.
 SPLIT_FILES = {"train": "train", "validation": "val", "test": "test", "miniv": "miniv"}

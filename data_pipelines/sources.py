@@ -27,14 +27,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clipseg_jax._io import atomic_directory
-from data_pipelines.imageops import (
-    crop_cumsum,
-    decode_image,
-    decode_mask,
-    resize_bilinear_u8,
-    resize_nearest,
-    short_side_shape,
-)
+from clipseg_jax.resize import torch_bilinear_align_corners_u8, torch_nearest
+from data_pipelines.imageops import crop_cumsum, decode_image, decode_mask, short_side_shape
 
 log = logging.getLogger(__name__)
 
@@ -428,9 +422,9 @@ class CachedSource(Source):
 def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, threads: int | None = None) -> Path:
     """Pre-resize every image of `source` (short side -> `size`) into a `CachedSource` folder.
 
-    Images: bilinear with align_corners=True (`imageops.resize_bilinear_u8`, the pipeline's own
+    Images: bilinear with align_corners=True (`resize.torch_bilinear_align_corners_u8`, the pipeline's own
     resize), stored once per image (tasks sharing an image share it); masks: nearest
-    (`resize_nearest`), bit-packed per task. At train time the PC+ random square crop is then
+    (`torch_nearest`), bit-packed per task. At train time the PC+ random square crop is then
     taken at `size` directly, without a resize: this approximates crop-then-resize (sub-pixel
     differences); the crop search is unchanged. Raw uint8 needs about 3 * size² * aspect bytes
     per image (≈ 0.5 MB at 352 for 4:3). Written to a temporary folder and renamed when complete.
@@ -450,12 +444,12 @@ def build_cache(source: Source, out_dir: str | os.PathLike, size: int = 352, thr
     def image_of(task: int) -> np.ndarray:
         image, _ = source.read(task)
         nh, nw = short_side_shape(image.shape[0], image.shape[1], size)
-        return resize_bilinear_u8(image, nh, nw)
+        return torch_bilinear_align_corners_u8(image, nh, nw)
 
     def mask_of(task: int) -> np.ndarray:
         mask = (np.asarray(source.read_mask(task)) != 0).view(np.uint8)  # {0,1} whatever the source's values
         nh, nw = short_side_shape(mask.shape[0], mask.shape[1], size)
-        return resize_nearest(mask, (nh, nw))
+        return torch_nearest(mask, (nh, nw))
 
     with atomic_directory(out) as tmp:
         shapes = []

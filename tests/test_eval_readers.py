@@ -9,6 +9,7 @@ from clipseg_jax.evaluate import DatasetError
 from clipseg_jax.evaluate import _image as im
 from clipseg_jax.evaluate import pascal5i, pascal_zs, phrasecut
 
+from clipseg_jax.resize import torch_nearest
 from eval_fixtures import VOC_IMAGES, voc_label, write_phrasecut, write_voc
 
 
@@ -19,26 +20,8 @@ def one_line(e):
 
 
 # ---------------------------------------------------------------------------------------
-# Resizing helpers vs the PyTorch functions the originals call
+# PFENet's resize (the resizes themselves: tests/test_resize.py)
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("src, dst", [((48, 64), (352, 352)), ((500, 375), (352, 352)), ((7, 5), (3, 11))])
-def test_resizes_match_torch(src, dst):
-    torch = pytest.importorskip("torch")
-    F = torch.nn.functional
-    rng = np.random.default_rng(0)
-    x = rng.random((*src, 3)).astype(np.float32) * 255
-    t = torch.from_numpy(x).permute(2, 0, 1)[None]
-    ac = F.interpolate(t, size=dst, mode="bilinear", align_corners=True)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(im.resize_bilinear_align_corners(x, dst), ac, rtol=0, atol=2e-4)
-    hp = F.interpolate(t, size=dst, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(im.resize_bilinear_half_pixel(x, dst), hp, rtol=0, atol=1e-4)
-    # cv2's INTER_LINEAR is the same rule with double-precision coordinates (PFENet)
-    np.testing.assert_allclose(im.resize_bilinear_cv2(x, dst), hp, rtol=0, atol=2e-2)
-    lab = rng.integers(0, 21, src).astype(np.uint8)
-    nn = F.interpolate(torch.from_numpy(lab)[None, None], size=dst, mode="nearest")[0, 0].numpy()
-    np.testing.assert_array_equal(im.resize_nearest(lab, dst), nn)
 
 
 def test_pfenet_new_hw():
@@ -153,7 +136,7 @@ def test_read_tasks_and_samples(pc_root):
     assert px.shape == (352, 352, 3) and px.dtype == np.float32 and tgt.shape == (352, 352)
     raw = px * im.IMAGENET_STD + im.IMAGENET_MEAN  # grayscale replicated: equal channels before normalisation
     np.testing.assert_allclose(raw[..., 0], raw[..., 1], atol=1e-5)
-    np.testing.assert_array_equal(tgt, im.resize_nearest(phrasecut.task_mask(tasks[2]).astype(np.uint8), (352, 352)))
+    np.testing.assert_array_equal(tgt, torch_nearest(phrasecut.task_mask(tasks[2]).astype(np.uint8), (352, 352)))
     # the full-image task covers everything
     _, tgt_all = phrasecut.load_sample(root, tasks[3])
     assert tgt_all.all()
@@ -306,7 +289,7 @@ def test_zero_shot_reader(voc_root, tmp_path):
     px, lab = pascal_zs.load_sample(items[2])
     assert px.shape == (352, 352, 3) and lab.shape == (352, 352) and lab.dtype == np.uint8
     full = voc_label((300, 400), VOC_IMAGES[2][2])
-    np.testing.assert_array_equal(lab, im.resize_nearest(full, (352, 352)))  # palette PNG read as indices
+    np.testing.assert_array_equal(lab, torch_nearest(full, (352, 352)))  # palette PNG read as indices
     with pytest.raises(DatasetError, match="uses VOC2012 val"):
         pascal_zs.read_split(voc_root, "train")
     (tmp_path / "empty").mkdir()

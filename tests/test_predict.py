@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import clipseg_jax
-from clipseg_jax.predict import Predictor, bilinear_matrix, load_image, resize_probs
+from clipseg_jax.predict import Predictor, load_image, resize_probs
 
 
 @pytest.fixture(scope="module")

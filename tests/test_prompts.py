@@ -4,13 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipseg_jax.resize import torch_bilinear_align_corners
 from clipseg_jax.prompts import (
     TEMPLATES_SHUFFLE_PLUS,
     VISUAL_PROMPT_MODES,
     apply_template,
     render_visual_prompt,
-    resize_bilinear_align_corners,
-    resize_nearest,
 )
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -70,7 +69,7 @@ def _reference(img_u8: np.ndarray, seg: np.ndarray, mode: str) -> torch.Tensor:
 
 def _textured(rng, size):
     base = rng.integers(0, 256, size=(size // 8, size // 8, 3)).astype(np.float32)
-    img = resize_bilinear_align_corners(base, (size, size)) + rng.normal(0, 10, (size, size, 3))
+    img = torch_bilinear_align_corners(base, (size, size)) + rng.normal(0, 10, (size, size, 3))
     img[:3] = 0  # some pure-black pixels exercise the clipping of "- 0.01"
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -108,18 +107,6 @@ def test_crop_mode_pads_with_mean_colour_and_crops_object():
     bg = ((0.1 * (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]))
           * np.array([0.229, 0.224, 0.225]) + np.array([0.485, 0.456, 0.406])) * 255
     assert np.abs(out[48, 37].astype(float) - bg).max() <= 1.0
-
-
-def test_resize_helpers_match_torch():
-    rng = np.random.default_rng(1)
-    x = rng.random((37, 53, 3)).astype(np.float32)
-    ours = resize_bilinear_align_corners(x, (64, 40))
-    ref = F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], (64, 40), mode="bilinear",
-                        align_corners=True)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
-    m = (rng.random((37, 53)) > 0.5).astype(np.uint8)
-    ref_n = F.interpolate(torch.from_numpy(m)[None, None].float(), (100, 21), mode="nearest")[0, 0].numpy()
-    np.testing.assert_array_equal(resize_nearest(m, (100, 21)), ref_n.astype(np.uint8))
 
 
 def test_non_square_input_is_resized_first_and_grayscale_accepted():

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipseg_jax.evaluate._common import DatasetError, batched, prefetch_map, progress
-from clipseg_jax.evaluate._image import load_label, load_rgb, normalize01, resize_bilinear_half_pixel, resize_nearest
+from clipseg_jax.evaluate._image import load_label, load_rgb, normalize01
+from clipseg_jax.resize import torch_bilinear, torch_nearest
 from clipseg_jax.evaluate.pascal5i import find_voc_root
 from clipseg_jax.metrics import _confusion_kernel
 
@@ -112,8 +113,8 @@ def load_sample(item, size: int = IMAGE_SIZE):
     lab = load_label(lab_path)
     if img.shape[:2] != lab.shape:
         raise DatasetError(f"{img_path}: image {img.shape[:2]} and label {lab.shape} sizes differ")
-    px = resize_bilinear_half_pixel(normalize01(img.astype(np.float32) / 255.0), (size, size))
-    return px, resize_nearest(lab, (size, size))
+    px = torch_bilinear(normalize01(img.astype(np.float32) / 255.0), (size, size))
+    return px, torch_nearest(lab, (size, size))
 
 
 @partial(jax.jit, static_argnames=("num_classes",))

@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from clipseg_jax.evaluate._common import DatasetError, batched, prefetch_map, progress, read_json, require_dir
-from clipseg_jax.evaluate._image import load_rgb, normalize01, resize_bilinear_align_corners, resize_nearest
+from clipseg_jax.evaluate._image import load_rgb, normalize01
+from clipseg_jax.resize import torch_bilinear_align_corners, torch_nearest
 from clipseg_jax.polygons import polygon_mask, polygons_mask  # noqa: F401  (polygon_mask: public here too)
 
 IMAGE_SIZE = 352
@@ -201,8 +202,8 @@ def load_sample(root: Path, task: PhraseCutTask, size: int = IMAGE_SIZE):
             f"{task.width}x{task.height} (task {task.task_id})"
         )
     seg = task_mask(task).astype(np.uint8)
-    target = resize_nearest(seg, (size, size))
-    px = normalize01(resize_bilinear_align_corners(img.astype(np.float32), (size, size)) / 255.0)
+    target = torch_nearest(seg, (size, size))
+    px = normalize01(torch_bilinear_align_corners(img.astype(np.float32), (size, size)) / 255.0)
     return px, target
 
 

@@ -13,10 +13,10 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from clipseg_jax.config import TextConfig, VisionConfig
+from clipseg_jax.resize import torch_bicubic_matrix
 
 Array = jax.Array
 
@@ -203,31 +203,6 @@ class EncoderLayer(nnx.Module):
 class Encoder(nnx.Module):
     def __init__(self, cfg: VisionConfig | TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
-
-
-@functools.lru_cache(maxsize=64)
-def torch_bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
-    """(n_out, n_in) matrix of `torch.nn.functional.interpolate(mode='bicubic', align_corners=False)` along one axis.
-
-    Keys cubic with A=-0.75, source coordinate (dst + 0.5) * n_in / n_out - 0.5, taps clamped to the edge. Exact
-    (float64) so the interpolated position table equals PyTorch's to float32 rounding.
-    """
-
-    def c1(x: float) -> float:
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def c2(x: float) -> float:
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    m = np.zeros((n_out, n_in), np.float64)
-    scale = n_in / n_out
-    for o in range(n_out):
-        src = scale * (o + 0.5) - 0.5
-        i0 = int(np.floor(src))
-        t = src - i0
-        for k, w in enumerate((c2(t + 1), c1(t), c1(1 - t), c2(2 - t))):
-            m[o, min(max(i0 - 1 + k, 0), n_in - 1)] += w
-    return m
 
 
 class VisionEmbeddings(nnx.Module):
