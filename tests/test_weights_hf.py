@@ -142,6 +142,27 @@ def test_corrupt_weights_and_config(tiny_hf_dir, tmp_path):
         clipseg_jax.from_pretrained(d)
 
 
+def test_unreadable_pytorch_bin_is_one_line_naming_the_file(tiny_hf_dir, tmp_path):
+    import argparse
+
+    import torch
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copyfile(tiny_hf_dir / "config.json", d / "config.json")
+    (d / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a PyTorch state dict readable with weights_only=True"):
+        clipseg_jax.from_pretrained(d)
+    # A pickled object weights_only refuses: torch's message runs over many lines of advice, ours is one.
+    torch.save({"w": torch.zeros(2), "args": argparse.Namespace(lr=1.0)}, d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a PyTorch state dict .*UnpicklingError") as ei:
+        clipseg_jax.from_pretrained(d)
+    assert "\n" not in str(ei.value)
+    torch.save([torch.zeros(2)], d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: expected a state dict"):
+        clipseg_jax.from_pretrained(d)
+
+
 def test_patch_size_default_trap_is_visible(tiny_hf_dir, tmp_path):
     """A config without patch_size takes transformers' default 32: the weights then do not fit, loudly."""
     d = tmp_path / "ckpt"

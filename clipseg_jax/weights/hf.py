@@ -180,21 +180,15 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    from clipseg_jax.weights.torch_file import UnreadableTorchFile, safe_torch_load
+
     try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"{path}: reading PyTorch .bin/.pth files needs torch: pip install 'clipseg-jax[torch]'"
-        ) from None
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise ValueError(f"{path}: not a PyTorch state dict readable with weights_only=True ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict (mapping of names to tensors), got {type(sd).__name__}")
+        sd = safe_torch_load(path)
+    except UnreadableTorchFile as e:
+        raise ValueError(f"{path}: not a PyTorch state dict readable with weights_only=True ({e.reason})") from None
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
-    return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items() if hasattr(v, "detach")}
+    return {k: v.detach().float().numpy() for k, v in sd.items() if hasattr(v, "detach")}
 
 
 def default_processor_files(image_size: int = 352) -> dict[str, bytes]:

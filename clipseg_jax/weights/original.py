@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from clipseg_jax.weights.torch_file import UnreadableTorchFile, first_line, safe_torch_load
 
 __all__ = ["RULES", "Rule", "Transform", "load_torch_state_dict", "openai_clip_to_hf", "original_to_hf", "hf_to_original"]
 
@@ -61,17 +62,10 @@ def load_torch_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs torch: pip install 'clipseg-jax[torch]'") from e
-    try:
-        with warnings.catch_warnings():
-            # torch warns before refusing a TorchScript zip under weights_only; we raise our own message below.
-            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / pickle errors / ValueError
+        obj = safe_torch_load(path)
+    except UnreadableTorchFile as e:
         if not _is_torchscript_archive(path):
-            raise ValueError(f"{path}: not a readable PyTorch state-dict checkpoint ({_first_line(e)})") from e
+            raise
         if not allow_torchscript:
             raise ValueError(
                 f"{path}: is a TorchScript archive (loading it executes code from the file); if you trust it, pass "
@@ -79,12 +73,12 @@ def load_torch_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = 
                 f"dict once with: python -c \"import torch; "
                 f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), 'clip_state_dict.pth')\""
             ) from e
+        import torch  # safe_torch_load got this far: torch is installed
+
         try:
             obj = torch.jit.load(path, map_location="cpu").state_dict()
         except Exception as e2:
-            raise ValueError(f"{path}: torch.jit.load failed ({_first_line(e2)})") from e2
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (mapping name -> tensor), got {type(obj).__name__}")
+            raise ValueError(f"{path}: torch.jit.load failed ({first_line(e2)})") from e2
     out = {}
     for k, v in obj.items():
         if not hasattr(v, "detach"):
@@ -96,12 +90,6 @@ def load_torch_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
-def _first_line(e: BaseException) -> str:
-    """`Type: message` on one line: torch's unpickling errors run over many paragraphs of advice."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 class _Source:
     """Tracks which source keys were consumed; shape-checked access with one-line errors."""
 
