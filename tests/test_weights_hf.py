@@ -118,6 +118,62 @@ def test_unexpected_key_is_an_error(tiny_hf_dir, tmp_path):
         clipseg_jax.from_pretrained(d)
 
 
+def test_our_checkpoint_loads_like_the_hf_directory(tiny_hf_dir, tmp_path):
+    """Same parameters (float32), compute dtypes and seeded dropout streams as loading the HF directory."""
+    import jax
+    from flax import nnx
+
+    d = store.save(clipseg_jax.from_pretrained(tiny_hf_dir), tmp_path / "ours")
+    kw = dict(dtype=jnp.bfloat16, decoder_dtype=jnp.float32)
+    ours, ref = clipseg_jax.from_pretrained(d, seed=3, **kw), clipseg_jax.from_pretrained(tiny_hf_dir, seed=3, **kw)
+    a, b = _sd(ours), _sd(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+    rng = np.random.default_rng(0)
+    x, cond = jnp.asarray(rng.normal(size=(1, 64, 64, 3)), jnp.float32), jnp.asarray(rng.normal(size=(1, 24)), jnp.float32)
+    acts = ours.encode_image(x)
+    assert acts[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(ours.decode(acts, cond), ref.decode(ref.encode_image(x), cond))
+    other = clipseg_jax.from_pretrained(d, seed=4, **kw)
+    for m in (ours, ref, other):
+        m.train()  # dropout from the modules' own streams, seeded at load
+    train = ours.decode(acts, cond)
+    np.testing.assert_array_equal(train, ref.decode(acts, cond))
+    assert float(jnp.abs(train - other.decode(acts, cond)).max()) > 1e-3
+
+
+def _with_config(ours, **changes):
+    meta = json.loads((ours / store.MARKER).read_text())
+    meta["config"].update(changes)
+    (ours / store.MARKER).write_text(json.dumps(meta))
+    return ours
+
+
+def test_our_checkpoint_against_another_config_names_the_key(tiny_hf_dir, tmp_path):
+    import re
+
+    m = clipseg_jax.from_pretrained(tiny_hf_dir)
+    d = store.save(m, tmp_path / "ours")
+    at = re.escape(str(d))
+    _with_config(d, decoder_intermediate_size=48)
+    with pytest.raises(ValueError, match=rf"^{at}: key 'decoder/layers/0/mlp/fc1/bias' has shape \(40,\), "
+                                         rf"the config expects \(48,\)$"):
+        store.load(d)
+    _with_config(d, decoder_intermediate_size=40, extract_layers=[1, 2])
+    with pytest.raises(ValueError, match=rf"^{at}: unexpected keys \['decoder/layers/2/.*\(and \d+ more\): the config"):
+        store.load(d)
+    _with_config(d, extract_layers=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match=rf"^{at}: missing key 'decoder/(layers|reduces)/3/\S+' \(expected shape \(\d+"):
+        clipseg_jax.from_pretrained(d)
+    _with_config(d, extract_layers=[1, 2, 3])
+    assert _sd(store.load(d)).keys() == _sd(m).keys()
+    shutil.rmtree(d / "params")
+    with pytest.raises(ValueError, match=rf"^{at}/params: cannot restore parameters"):
+        store.load(d)
+
+
 def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="CIDAS/clipseg-does-not-exist: not in the local Hugging Face cache"):
@@ -139,6 +195,27 @@ def test_corrupt_weights_and_config(tiny_hf_dir, tmp_path):
         clipseg_jax.from_pretrained(d)
     (d / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        clipseg_jax.from_pretrained(d)
+
+
+def test_unreadable_pytorch_bin_is_one_line_naming_the_file(tiny_hf_dir, tmp_path):
+    import argparse
+
+    import torch
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copyfile(tiny_hf_dir / "config.json", d / "config.json")
+    (d / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a PyTorch state dict readable with weights_only=True"):
+        clipseg_jax.from_pretrained(d)
+    # A pickled object weights_only refuses: torch's message runs over many lines of advice, ours is one.
+    torch.save({"w": torch.zeros(2), "args": argparse.Namespace(lr=1.0)}, d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a PyTorch state dict .*UnpicklingError") as ei:
+        clipseg_jax.from_pretrained(d)
+    assert "\n" not in str(ei.value)
+    torch.save([torch.zeros(2)], d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: expected a state dict"):
         clipseg_jax.from_pretrained(d)
 
 

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from clipseg_jax.weights.original import hf_to_original, load_torch_state_dict, original_to_hf  # noqa: E402
+from clipseg_jax.weights.original import RULES, hf_to_original, load_torch_state_dict, original_to_hf  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"
 
@@ -267,6 +267,59 @@ def test_default_extract_layers_checked_against_depth():
     dec, clip = hf_to_original(_np_sd(_random_model(cfg, 0)), cfg)
     with pytest.raises(ValueError, match=r"\[3, 6, 9\].*out of range for a 4-layer"):
         original_to_hf(dec, clip)
+
+
+# Sizes named by the rules' shapes, pairwise distinct so a transpose or a split along the wrong axis shows.
+_RULE_SIZES = dict(vw=10, n_ch=3, patch=8, k=2, n_pos=5, v_layers=2, v_mlp=14, proj=6, vocab=17, tw=7, ctx=9,
+                   t_layers=3, t_mlp=11, rd=4, d_mlp=13, depth=2, refined=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.original)
+def test_every_rule_round_trips(rule):
+    shape = rule.original_shape(_RULE_SIZES)
+    a = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    if rule.transform is None:  # reduce.*: HF has no such parameter
+        assert rule.original.startswith("reduce.") and rule.hf == ()
+        return
+    parts = rule.transform.to_hf(a)
+    assert len(parts) == len(rule.hf)
+    assert [p.shape for p in parts] == list(rule.transform.hf_shapes(shape))
+    back = rule.transform.to_original(parts)
+    assert back.shape == shape
+    np.testing.assert_array_equal(back, a)
+    keys = rule.expand(_RULE_SIZES)
+    assert len(keys) == (_RULE_SIZES[rule.layers] if rule.layers else 1)
+    assert all(rule.matches(o) and all(rule.matches(h, "hf") for h in hs) for o, hs in keys)
+
+
+def test_original_to_hf_to_original_is_exact(case):
+    sd, cfg = _convert(case)
+    dec, clip = hf_to_original(sd, cfg)
+    _assert_sd_equal(dec, case["dec"])  # reduce.* comes back as the zeros hf_to_original wrote
+    _assert_sd_equal(clip, case["clip"])
+    dec, _ = hf_to_original(sd, cfg, include_unused_reduce=False)
+    assert set(case["dec"]) - set(dec) == {"reduce.weight", "reduce.bias"}
+
+
+def test_every_key_is_matched_by_exactly_one_rule(case):
+    for side, keys in (("original", [*case["dec"], *case["clip"]]), ("hf", case["hf_sd"])):
+        for k in keys:
+            assert len([r for r in RULES if r.matches(k, side)]) == 1, (side, k)
+    for refined in (False, True):  # ViT-B/16 key sets (arrays are broadcast views)
+        dec, clip = _full_size_original(64, refined)
+        for k in [*dec, *clip]:
+            assert len([r for r in RULES if r.matches(k)]) == 1, k
+
+
+def test_an_unmatched_key_is_one_error_naming_it(case):
+    key = "visual.transformer.resblocks.0.attn.bias_k"  # nn.MultiheadAttention(add_bias_kv=True): not CLIP's
+    assert not any(r.matches(key) for r in RULES)
+    clip = dict(case["clip"], **{key: np.zeros((1, 1, 128), np.float32)})
+    with pytest.raises(ValueError, match=r"^CLIP state dict: unexpected keys \['visual\.transformer\.resblocks\.0\.attn\.bias_k'\]$"):
+        _convert(case, clip=clip)
+    sd = dict(case["hf_sd"], **{"decoder.layers.0.extra.weight": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError, match=r"^HF state dict: unexpected keys \['decoder\.layers\.0\.extra\.weight'\]$"):
+        hf_to_original(sd, case["cfg"])
 
 
 def test_load_errors(tmp_path):

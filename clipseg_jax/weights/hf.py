@@ -104,8 +104,7 @@ def model_from_state_dict(
     have (other than known buffers) are an error too, since they mean the config does not match the weights.
     `seed` seeds the dropout RNG streams (each dropout module gets its own stream), used in `model.train()` mode.
     """
-    graphdef, params, rest = nnx.split(abstract_model(config, dtype, decoder_dtype), nnx.Param, ...)
-    flat = nnx.to_flat_state(params)
+    graphdef, flat, rest = abstract_params(config, dtype, decoder_dtype)
     leaves, used = [], set()
     for path, var in flat:
         key = hf_key(path)
@@ -123,8 +122,22 @@ def model_from_state_dict(
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         raise ValueError(f"{source}: unexpected keys {extra[:5]}{more}: the config does not match these weights")
-    params = nnx.from_flat_state(leaves)
-    model = nnx.merge(graphdef, params, _materialize_non_params(rest))
+    return assemble(graphdef, leaves, rest, seed)
+
+
+def abstract_params(
+    config: CLIPSegConfig, dtype=jnp.float32, decoder_dtype=None
+) -> tuple[nnx.GraphDef, list[tuple[tuple, nnx.Variable]], nnx.State]:
+    """(graph, the abstract parameters as (path, shape-only variable) pairs, the other abstract state) of the model,
+    for a loader to fill in and hand to `assemble`."""
+    graphdef, params, rest = nnx.split(abstract_model(config, dtype, decoder_dtype), nnx.Param, ...)
+    return graphdef, list(nnx.to_flat_state(params)), rest
+
+
+def assemble(graphdef: nnx.GraphDef, leaves: list[tuple[tuple, nnx.Variable]], rest: nnx.State, seed: int = 0) -> CLIPSeg:
+    """The model from `abstract_params`' graph and other state, with `leaves` (every parameter, loaded). The
+    non-parameter state is created here: dropout RNG streams seeded from `seed`, one per module."""
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves), _materialize_non_params(rest))
     return seed_dropout(model, seed)
 
 
@@ -180,21 +193,15 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    from clipseg_jax.weights.torch_file import UnreadableTorchFile, safe_torch_load
+
     try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"{path}: reading PyTorch .bin/.pth files needs torch: pip install 'clipseg-jax[torch]'"
-        ) from None
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise ValueError(f"{path}: not a PyTorch state dict readable with weights_only=True ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict (mapping of names to tensors), got {type(sd).__name__}")
+        sd = safe_torch_load(path)
+    except UnreadableTorchFile as e:
+        raise ValueError(f"{path}: not a PyTorch state dict readable with weights_only=True ({e.reason})") from None
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
-    return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items() if hasattr(v, "detach")}
+    return {k: v.detach().float().numpy() for k, v in sd.items() if hasattr(v, "detach")}
 
 
 def default_processor_files(image_size: int = 352) -> dict[str, bytes]:

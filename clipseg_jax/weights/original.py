@@ -2,7 +2,9 @@
 
 The original decoder files (``rd64-uni.pth``, ``rd64-uni-refined.pth``, ``rd16-uni.pth``) hold only the trainable decoder
 parameters; the frozen CLIP backbone comes from OpenAI's checkpoint. ``original_to_hf`` merges both into the HF layout
-(the same mapping as transformers' ``convert_clipseg_original_pytorch_to_hf.py``) and infers the matching HF config.
+(the same mapping as transformers' ``convert_clipseg_original_pytorch_to_hf.py``) and infers the matching HF config;
+``hf_to_original`` goes back. Both read one table, ``RULES``: per original key its HF key(s) and an invertible
+array transform (identity, transpose, q/k/v split).
 All arrays are numpy float32; torch is needed only to read ``.pth``/``.pt`` files.
 """
 
@@ -10,14 +12,16 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["load_torch_state_dict", "openai_clip_to_hf", "original_to_hf", "hf_to_original"]
+from clipseg_jax.weights.torch_file import UnreadableTorchFile, first_line, safe_torch_load
+
+__all__ = ["RULES", "Rule", "Transform", "load_torch_state_dict", "openai_clip_to_hf", "original_to_hf", "hf_to_original"]
 
 # Entries of OpenAI's TorchScript archive that are not weights (``clip.model.build_model`` deletes them).
 _CLIP_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -58,17 +62,10 @@ def load_torch_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs torch: pip install 'clipseg-jax[torch]'") from e
-    try:
-        with warnings.catch_warnings():
-            # torch warns before refusing a TorchScript zip under weights_only; we raise our own message below.
-            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / pickle errors / ValueError
+        obj = safe_torch_load(path)
+    except UnreadableTorchFile as e:
         if not _is_torchscript_archive(path):
-            raise ValueError(f"{path}: not a readable PyTorch state-dict checkpoint ({_first_line(e)})") from e
+            raise
         if not allow_torchscript:
             raise ValueError(
                 f"{path}: is a TorchScript archive (loading it executes code from the file); if you trust it, pass "
@@ -76,12 +73,12 @@ def load_torch_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = 
                 f"dict once with: python -c \"import torch; "
                 f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), 'clip_state_dict.pth')\""
             ) from e
+        import torch  # safe_torch_load got this far: torch is installed
+
         try:
             obj = torch.jit.load(path, map_location="cpu").state_dict()
         except Exception as e2:
-            raise ValueError(f"{path}: torch.jit.load failed ({_first_line(e2)})") from e2
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (mapping name -> tensor), got {type(obj).__name__}")
+            raise ValueError(f"{path}: torch.jit.load failed ({first_line(e2)})") from e2
     out = {}
     for k, v in obj.items():
         if not hasattr(v, "detach"):
@@ -93,12 +90,6 @@ def load_torch_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
-def _first_line(e: BaseException) -> str:
-    """`Type: message` on one line: torch's unpickling errors run over many paragraphs of advice."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 class _Source:
     """Tracks which source keys were consumed; shape-checked access with one-line errors."""
 
@@ -142,27 +133,175 @@ class _Source:
             raise ValueError(f"{self.what}: unexpected keys {extra[:5]}{more}")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The conversion table: one rule per original key, read by both directions
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Transform:
+    """An array transform and its inverse: one original array <-> its HF array(s)."""
+
+    name: str
+    to_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    to_original: Callable[[Sequence[np.ndarray]], np.ndarray]
+    hf_shapes: Callable[[tuple[int, ...]], tuple[tuple[int, ...], ...]]  # from the original array's shape
+
+
 def _split_qkv(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # nn.MultiheadAttention packs [q; k; v] along dim 0.
     e = w.shape[0] // 3
     return w[:e], w[e : 2 * e], w[2 * e :]
 
 
-def _map_clip_encoder(src: _Source, out: dict, orig: str, hf: str, n_layers: int, width: int, mlp: int) -> None:
-    for i in range(n_layers):
-        o, h = f"{orig}.{i}", f"{hf}.{i}"
-        for t, shp in (("weight", (3 * width, width)), ("bias", (3 * width,))):
-            q, k, v = _split_qkv(src.get(f"{o}.attn.in_proj_{t}", shp))
-            out[f"{h}.self_attn.q_proj.{t}"], out[f"{h}.self_attn.k_proj.{t}"], out[f"{h}.self_attn.v_proj.{t}"] = q, k, v
-        out[f"{h}.self_attn.out_proj.weight"] = src.get(f"{o}.attn.out_proj.weight", (width, width))
-        out[f"{h}.self_attn.out_proj.bias"] = src.get(f"{o}.attn.out_proj.bias", (width,))
-        for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
-            out[f"{h}.{b}.weight"] = src.get(f"{o}.{a}.weight", (width,))
-            out[f"{h}.{b}.bias"] = src.get(f"{o}.{a}.bias", (width,))
-        out[f"{h}.mlp.fc1.weight"] = src.get(f"{o}.mlp.c_fc.weight", (mlp, width))
-        out[f"{h}.mlp.fc1.bias"] = src.get(f"{o}.mlp.c_fc.bias", (mlp,))
-        out[f"{h}.mlp.fc2.weight"] = src.get(f"{o}.mlp.c_proj.weight", (width, mlp))
-        out[f"{h}.mlp.fc2.bias"] = src.get(f"{o}.mlp.c_proj.bias", (width,))
+IDENTITY = Transform("identity", lambda a: (a,), lambda parts: parts[0], lambda s: (s,))
+# OpenAI projections are (in, out) matrices used as x @ P; HF Linear weights are (out, in).
+TRANSPOSE = Transform("transpose", lambda a: (a.T.copy(),), lambda parts: parts[0].T.copy(), lambda s: (s[::-1],))
+QKV = Transform(
+    "qkv", _split_qkv, lambda parts: np.concatenate(list(parts), axis=0), lambda s: ((s[0] // 3, *s[1:]),) * 3
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One original key <-> its HF key(s).
+
+    ``{i}`` in the keys is a layer index running over ``range(sizes[layers])``. ``shape`` is the original array's
+    shape in terms of the sizes inferred from the weights (``"vw"``, ``"3*vw"``, ``"rd//2"``, literal ints).
+    ``transform=None``: HF has no such parameter (dropped towards HF, zeros towards the original). ``refined``
+    limits the rule to decoders with (True) or without (False) the refined transposed convolutions.
+    """
+
+    original: str
+    hf: tuple[str, ...]
+    shape: tuple[str, ...]
+    transform: Transform | None = IDENTITY
+    layers: str | None = None
+    refined: bool | None = None
+
+    def applies(self, sizes: Mapping[str, Any]) -> bool:
+        """Whether the rule is part of a model with these sizes (the refined decoder or the plain one)."""
+        return self.refined is None or self.refined == bool(sizes["refined"])
+
+    def original_shape(self, sizes: Mapping[str, Any]) -> tuple[int, ...]:
+        """The original array's shape for these sizes."""
+        return tuple(_dim(t, sizes) for t in self.shape)
+
+    def expand(self, sizes: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
+        """(original key, HF keys) for every layer index."""
+        idx = range(int(sizes[self.layers])) if self.layers else (None,)
+        return [(self.original.format(i=i), tuple(h.format(i=i) for h in self.hf)) for i in idx]
+
+    def matches(self, key: str, side: str = "original") -> bool:
+        """Whether ``key`` (an ``"original"`` or ``"hf"`` key) is one this rule converts."""
+        templates = (self.original,) if side == "original" else self.hf
+        return any(re.fullmatch(re.escape(t).replace(r"\{i\}", r"\d+"), key) for t in templates)
+
+
+def _dim(term: str, sizes: Mapping[str, Any]) -> int:
+    if term.isdigit():
+        return int(term)
+    if "//" in term:
+        name, q = term.split("//")
+        return int(sizes[name]) // int(q)
+    if "*" in term:
+        f, name = term.split("*")
+        return int(f) * int(sizes[name])
+    return int(sizes[term])
+
+
+def _wb(original: str, hf: str, w_shape: tuple[str, ...], b_shape: tuple[str, ...], **kw: Any) -> list[Rule]:
+    """The weight and bias rules of one layer."""
+    return [Rule(f"{original}.weight", (f"{hf}.weight",), w_shape, **kw),
+            Rule(f"{original}.bias", (f"{hf}.bias",), b_shape, **kw)]
+
+
+def _attention(o: str, h: str, w: str, layers: str) -> list[Rule]:
+    """nn.MultiheadAttention (packed in_proj) <-> HF q/k/v/out projections."""
+    return [
+        Rule(f"{o}.in_proj_weight", tuple(f"{h}.{x}_proj.weight" for x in "qkv"), (f"3*{w}", w), QKV, layers),
+        Rule(f"{o}.in_proj_bias", tuple(f"{h}.{x}_proj.bias" for x in "qkv"), (f"3*{w}",), QKV, layers),
+        *_wb(f"{o}.out_proj", f"{h}.out_proj", (w, w), (w,), layers=layers),
+    ]
+
+
+def _openai_blocks(o: str, h: str, w: str, mlp: str, layers: str) -> list[Rule]:
+    """OpenAI ResidualAttentionBlocks <-> HF CLIP encoder layers."""
+    o, h = f"{o}.{{i}}", f"{h}.{{i}}"
+    return [
+        *_attention(f"{o}.attn", f"{h}.self_attn", w, layers),
+        *_wb(f"{o}.ln_1", f"{h}.layer_norm1", (w,), (w,), layers=layers),
+        *_wb(f"{o}.ln_2", f"{h}.layer_norm2", (w,), (w,), layers=layers),
+        *_wb(f"{o}.mlp.c_fc", f"{h}.mlp.fc1", (mlp, w), (mlp,), layers=layers),
+        *_wb(f"{o}.mlp.c_proj", f"{h}.mlp.fc2", (w, mlp), (w,), layers=layers),
+    ]
+
+
+_V, _T = "clip.vision_model", "clip.text_model"
+# In the order of OpenAI's files. Sizes: see openai_clip_to_hf.
+CLIP_RULES: tuple[Rule, ...] = (
+    Rule("visual.class_embedding", (f"{_V}.embeddings.class_embedding",), ("vw",)),
+    Rule("visual.positional_embedding", (f"{_V}.embeddings.position_embedding.weight",), ("n_pos", "vw")),
+    Rule("visual.proj", ("clip.visual_projection.weight",), ("vw", "proj"), TRANSPOSE),
+    Rule("visual.conv1.weight", (f"{_V}.embeddings.patch_embedding.weight",), ("vw", "n_ch", "patch", "patch")),
+    *_wb("visual.ln_pre", f"{_V}.pre_layrnorm", ("vw",), ("vw",)),  # "layrnorm" is HF's spelling
+    *_wb("visual.ln_post", f"{_V}.post_layernorm", ("vw",), ("vw",)),
+    *_openai_blocks("visual.transformer.resblocks", f"{_V}.encoder.layers", "vw", "v_mlp", "v_layers"),
+    Rule("token_embedding.weight", (f"{_T}.embeddings.token_embedding.weight",), ("vocab", "tw")),
+    Rule("positional_embedding", (f"{_T}.embeddings.position_embedding.weight",), ("ctx", "tw")),
+    *_openai_blocks("transformer.resblocks", f"{_T}.encoder.layers", "tw", "t_mlp", "t_layers"),
+    *_wb("ln_final", f"{_T}.final_layer_norm", ("tw",), ("tw",)),
+    Rule("text_projection", ("clip.text_projection.weight",), ("tw", "proj"), TRANSPOSE),
+    Rule("logit_scale", ("clip.logit_scale",), ()),
+)
+
+_B, _HB = "blocks.{i}", "decoder.layers.{i}"
+# In the order of the released decoder files. Sizes: see original_to_hf.
+DECODER_RULES: tuple[Rule, ...] = (
+    *_wb("film_mul", "decoder.film_mul", ("rd", "proj"), ("rd",)),
+    *_wb("film_add", "decoder.film_add", ("rd", "proj"), ("rd",)),
+    # reduce.* is created by CLIPDenseBase but unused in forward (hence the only "unexpected" keys in HF's conversion).
+    Rule("reduce.weight", (), ("rd", "vw"), None),
+    Rule("reduce.bias", (), ("rd",), None),
+    *_wb("reduces.{i}", "decoder.reduces.{i}", ("rd", "vw"), ("rd",), layers="depth"),
+    *_attention(f"{_B}.self_attn", f"{_HB}.self_attn", "rd", "depth"),
+    *_wb(f"{_B}.linear1", f"{_HB}.mlp.fc1", ("d_mlp", "rd"), ("d_mlp",), layers="depth"),
+    *_wb(f"{_B}.linear2", f"{_HB}.mlp.fc2", ("rd", "d_mlp"), ("rd",), layers="depth"),
+    # nn.TransformerEncoderLayer (post-norm): norm1 after attention, norm2 after the MLP, as HF's layer_norm1/2.
+    *_wb(f"{_B}.norm1", f"{_HB}.layer_norm1", ("rd",), ("rd",), layers="depth"),
+    *_wb(f"{_B}.norm2", f"{_HB}.layer_norm2", ("rd",), ("rd",), layers="depth"),
+    # HF: kernel = stride = patch_size // 4 (= k) for both transposed convs. Conv2d is (out, in, kh, kw),
+    # ConvTranspose2d (in, out, kh, kw); both keep torch's layout on the two sides.
+    *_wb("trans_conv.0", "decoder.transposed_convolution.0", ("rd", "rd", "3", "3"), ("rd",), refined=True),
+    *_wb("trans_conv.2", "decoder.transposed_convolution.2", ("rd", "rd//2", "k", "k"), ("rd//2",), refined=True),
+    *_wb("trans_conv.4", "decoder.transposed_convolution.4", ("rd//2", "1", "k", "k"), ("1",), refined=True),
+    *_wb("trans_conv", "decoder.transposed_convolution", ("rd", "1", "patch", "patch"), ("1",), refined=False),
+)
+
+RULES: tuple[Rule, ...] = CLIP_RULES + DECODER_RULES
+
+
+def _apply_to_hf(src: _Source, rules: Sequence[Rule], sizes: Mapping[str, Any], out: dict) -> None:
+    for rule in rules:
+        if rule.transform is None or not rule.applies(sizes):
+            continue
+        shape = rule.original_shape(sizes)
+        for o, hs in rule.expand(sizes):
+            out.update(zip(hs, rule.transform.to_hf(src.get(o, shape))))
+
+
+def _apply_to_original(
+    src: _Source, rules: Sequence[Rule], sizes: Mapping[str, Any], out: dict, include_dropped: bool
+) -> None:
+    for rule in rules:
+        if not rule.applies(sizes):
+            continue
+        shape = rule.original_shape(sizes)
+        for o, hs in rule.expand(sizes):
+            if rule.transform is None:
+                if include_dropped:
+                    out[o] = np.zeros(shape, np.float32)
+                continue
+            parts = [src.get(h, s) for h, s in zip(hs, rule.transform.hf_shapes(shape))]
+            out[o] = rule.transform.to_original(parts)
 
 
 def _split_merged(decoder_sd: Mapping[str, Any], clip_sd: Mapping[str, Any] | None) -> tuple[dict, dict]:
@@ -212,26 +351,9 @@ def openai_clip_to_hf(clip_sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarray]
         if w % _OPENAI_HEAD_WIDTH:
             raise ValueError(f"CLIP {name} width {w} is not a multiple of {_OPENAI_HEAD_WIDTH} (OpenAI heads = width // 64)")
 
-    p = "clip.vision_model"
-    out[f"{p}.embeddings.class_embedding"] = clip.get("visual.class_embedding", (vw,))
-    out[f"{p}.embeddings.patch_embedding.weight"] = clip.get("visual.conv1.weight", (vw, n_ch, patch, patch))
-    out[f"{p}.embeddings.position_embedding.weight"] = clip.get("visual.positional_embedding", (n_pos, vw))
-    for a, b in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):  # "layrnorm" is HF's spelling
-        out[f"{p}.{b}.weight"] = clip.get(f"visual.{a}.weight", (vw,))
-        out[f"{p}.{b}.bias"] = clip.get(f"visual.{a}.bias", (vw,))
-    _map_clip_encoder(clip, out, "visual.transformer.resblocks", f"{p}.encoder.layers", v_layers, vw, v_mlp)
-
-    p = "clip.text_model"
-    out[f"{p}.embeddings.token_embedding.weight"] = clip.get("token_embedding.weight", (vocab, tw))
-    out[f"{p}.embeddings.position_embedding.weight"] = clip.get("positional_embedding", (ctx, tw))
-    _map_clip_encoder(clip, out, "transformer.resblocks", f"{p}.encoder.layers", t_layers, tw, t_mlp)
-    out[f"{p}.final_layer_norm.weight"] = clip.get("ln_final.weight", (tw,))
-    out[f"{p}.final_layer_norm.bias"] = clip.get("ln_final.bias", (tw,))
-
-    # OpenAI projections are (in, out) matrices used as x @ P; HF Linear weights are (out, in).
-    out["clip.visual_projection.weight"] = clip.get("visual.proj", (vw, proj_dim)).T.copy()
-    out["clip.text_projection.weight"] = clip.get("text_projection", (tw, proj_dim)).T.copy()
-    out["clip.logit_scale"] = clip.get("logit_scale", ())
+    sizes = dict(vw=vw, n_ch=n_ch, patch=patch, n_pos=n_pos, v_layers=v_layers, v_mlp=v_mlp, proj=proj_dim,
+                 vocab=vocab, tw=tw, ctx=ctx, t_layers=t_layers, t_mlp=t_mlp)
+    _apply_to_hf(clip, CLIP_RULES, sizes, out)
     clip.check_all_used()
 
     config = {
@@ -305,40 +427,9 @@ def original_to_hf(
     d_mlp = dec.shape("blocks.0.linear1.weight")[0]
     refined = dec.has("trans_conv.0.weight")
 
-    for n in ("film_mul", "film_add"):
-        out[f"decoder.{n}.weight"] = dec.get(f"{n}.weight", (rd, proj_dim))
-        out[f"decoder.{n}.bias"] = dec.get(f"{n}.bias", (rd,))
-    if refined:
-        k = patch // 4  # HF: kernel = stride = patch_size // 4 for both transposed convs
-        for i, (wshape, bshape) in {
-            0: ((rd, rd, 3, 3), (rd,)),  # Conv2d (out, in, kh, kw)
-            2: ((rd, rd // 2, k, k), (rd // 2,)),  # ConvTranspose2d (in, out, kh, kw)
-            4: ((rd // 2, 1, k, k), (1,)),
-        }.items():
-            out[f"decoder.transposed_convolution.{i}.weight"] = dec.get(f"trans_conv.{i}.weight", wshape)
-            out[f"decoder.transposed_convolution.{i}.bias"] = dec.get(f"trans_conv.{i}.bias", bshape)
-    else:
-        out["decoder.transposed_convolution.weight"] = dec.get("trans_conv.weight", (rd, 1, patch, patch))
-        out["decoder.transposed_convolution.bias"] = dec.get("trans_conv.bias", (1,))
-    for i in range(depth):
-        out[f"decoder.reduces.{i}.weight"] = dec.get(f"reduces.{i}.weight", (rd, vw))
-        out[f"decoder.reduces.{i}.bias"] = dec.get(f"reduces.{i}.bias", (rd,))
-    for i in range(depth):
-        o, h = f"blocks.{i}", f"decoder.layers.{i}"
-        for t, shp in (("weight", (3 * rd, rd)), ("bias", (3 * rd,))):
-            q, kk, v = _split_qkv(dec.get(f"{o}.self_attn.in_proj_{t}", shp))
-            out[f"{h}.self_attn.q_proj.{t}"], out[f"{h}.self_attn.k_proj.{t}"], out[f"{h}.self_attn.v_proj.{t}"] = q, kk, v
-        out[f"{h}.self_attn.out_proj.weight"] = dec.get(f"{o}.self_attn.out_proj.weight", (rd, rd))
-        out[f"{h}.self_attn.out_proj.bias"] = dec.get(f"{o}.self_attn.out_proj.bias", (rd,))
-        # nn.TransformerEncoderLayer (post-norm): norm1 after attention, norm2 after the MLP, as HF's layer_norm1/2.
-        for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2")):
-            out[f"{h}.{b}.weight"] = dec.get(f"{o}.{a}.weight", (rd,))
-            out[f"{h}.{b}.bias"] = dec.get(f"{o}.{a}.bias", (rd,))
-        out[f"{h}.mlp.fc1.weight"] = dec.get(f"{o}.linear1.weight", (d_mlp, rd))
-        out[f"{h}.mlp.fc1.bias"] = dec.get(f"{o}.linear1.bias", (d_mlp,))
-        out[f"{h}.mlp.fc2.weight"] = dec.get(f"{o}.linear2.weight", (rd, d_mlp))
-        out[f"{h}.mlp.fc2.bias"] = dec.get(f"{o}.linear2.bias", (rd,))
-    # reduce.* is created by CLIPDenseBase but unused in forward (hence the only "unexpected" keys in HF's conversion).
+    sizes = dict(rd=rd, d_mlp=d_mlp, depth=depth, refined=refined, vw=vw, proj=proj_dim, patch=patch, k=patch // 4)
+    _apply_to_hf(dec, DECODER_RULES, sizes, out)
+    # Unused reduce.* (see DECODER_RULES) and anything else under reduce. is skipped, never shape-checked.
     dec.check_all_used(ignore=("reduce.",))
 
     config = {
@@ -389,79 +480,12 @@ def hf_to_original(
     depth = src.count(r"decoder\.reduces\.(\d+)\.")
     d_mlp = src.shape("decoder.layers.0.mlp.fc1.weight")[0]
 
+    sizes = dict(vw=vw, n_ch=n_ch, patch=patch, n_pos=n_pos, v_layers=v_layers, v_mlp=v_mlp, proj=proj_dim,
+                 vocab=vocab, tw=tw, ctx=ctx, t_layers=t_layers, t_mlp=t_mlp,
+                 rd=rd, d_mlp=d_mlp, depth=depth, refined=refined, k=patch // 4)
     clip: dict[str, np.ndarray] = {}
-
-    def enc(hf: str, orig: str, n_layers: int, w: int, mlp: int, dst: dict) -> None:
-        for i in range(n_layers):
-            h, o = f"{hf}.{i}", f"{orig}.{i}"
-            for t, shp in (("weight", (w, w)), ("bias", (w,))):
-                dst[f"{o}.attn.in_proj_{t}"] = np.concatenate(
-                    [src.get(f"{h}.self_attn.{x}_proj.{t}", shp) for x in "qkv"], axis=0
-                )
-            dst[f"{o}.attn.out_proj.weight"] = src.get(f"{h}.self_attn.out_proj.weight", (w, w))
-            dst[f"{o}.attn.out_proj.bias"] = src.get(f"{h}.self_attn.out_proj.bias", (w,))
-            for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
-                dst[f"{o}.{a}.weight"] = src.get(f"{h}.{b}.weight", (w,))
-                dst[f"{o}.{a}.bias"] = src.get(f"{h}.{b}.bias", (w,))
-            dst[f"{o}.mlp.c_fc.weight"] = src.get(f"{h}.mlp.fc1.weight", (mlp, w))
-            dst[f"{o}.mlp.c_fc.bias"] = src.get(f"{h}.mlp.fc1.bias", (mlp,))
-            dst[f"{o}.mlp.c_proj.weight"] = src.get(f"{h}.mlp.fc2.weight", (w, mlp))
-            dst[f"{o}.mlp.c_proj.bias"] = src.get(f"{h}.mlp.fc2.bias", (w,))
-
-    p = "clip.vision_model"
-    clip["visual.class_embedding"] = src.get(f"{p}.embeddings.class_embedding", (vw,))
-    clip["visual.positional_embedding"] = src.get(f"{p}.embeddings.position_embedding.weight", (n_pos, vw))
-    clip["visual.proj"] = src.get("clip.visual_projection.weight", (proj_dim, vw)).T.copy()
-    clip["visual.conv1.weight"] = src.get(f"{p}.embeddings.patch_embedding.weight", (vw, n_ch, patch, patch))
-    for a, b in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-        clip[f"visual.{a}.weight"] = src.get(f"{p}.{b}.weight", (vw,))
-        clip[f"visual.{a}.bias"] = src.get(f"{p}.{b}.bias", (vw,))
-    enc(f"{p}.encoder.layers", "visual.transformer.resblocks", v_layers, vw, v_mlp, clip)
-    p = "clip.text_model"
-    clip["token_embedding.weight"] = src.get(f"{p}.embeddings.token_embedding.weight", (vocab, tw))
-    clip["positional_embedding"] = src.get(f"{p}.embeddings.position_embedding.weight", (ctx, tw))
-    enc(f"{p}.encoder.layers", "transformer.resblocks", t_layers, tw, t_mlp, clip)
-    clip["ln_final.weight"] = src.get(f"{p}.final_layer_norm.weight", (tw,))
-    clip["ln_final.bias"] = src.get(f"{p}.final_layer_norm.bias", (tw,))
-    clip["text_projection"] = src.get("clip.text_projection.weight", (proj_dim, tw)).T.copy()
-    clip["logit_scale"] = src.get("clip.logit_scale", ())
-
     dec: dict[str, np.ndarray] = {}
-    for n in ("film_mul", "film_add"):
-        dec[f"{n}.weight"] = src.get(f"decoder.{n}.weight", (rd, proj_dim))
-        dec[f"{n}.bias"] = src.get(f"decoder.{n}.bias", (rd,))
-    if include_unused_reduce:
-        dec["reduce.weight"] = np.zeros((rd, vw), np.float32)
-        dec["reduce.bias"] = np.zeros((rd,), np.float32)
-    for i in range(depth):
-        dec[f"reduces.{i}.weight"] = src.get(f"decoder.reduces.{i}.weight", (rd, vw))
-        dec[f"reduces.{i}.bias"] = src.get(f"decoder.reduces.{i}.bias", (rd,))
-    for i in range(depth):
-        h, o = f"decoder.layers.{i}", f"blocks.{i}"
-        for t, shp in (("weight", (rd, rd)), ("bias", (rd,))):
-            dec[f"{o}.self_attn.in_proj_{t}"] = np.concatenate(
-                [src.get(f"{h}.self_attn.{x}_proj.{t}", shp) for x in "qkv"], axis=0
-            )
-        dec[f"{o}.self_attn.out_proj.weight"] = src.get(f"{h}.self_attn.out_proj.weight", (rd, rd))
-        dec[f"{o}.self_attn.out_proj.bias"] = src.get(f"{h}.self_attn.out_proj.bias", (rd,))
-        dec[f"{o}.linear1.weight"] = src.get(f"{h}.mlp.fc1.weight", (d_mlp, rd))
-        dec[f"{o}.linear1.bias"] = src.get(f"{h}.mlp.fc1.bias", (d_mlp,))
-        dec[f"{o}.linear2.weight"] = src.get(f"{h}.mlp.fc2.weight", (rd, d_mlp))
-        dec[f"{o}.linear2.bias"] = src.get(f"{h}.mlp.fc2.bias", (rd,))
-        for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2")):
-            dec[f"{o}.{a}.weight"] = src.get(f"{h}.{b}.weight", (rd,))
-            dec[f"{o}.{a}.bias"] = src.get(f"{h}.{b}.bias", (rd,))
-    if refined:
-        k = patch // 4
-        for i, (wshape, bshape) in {
-            0: ((rd, rd, 3, 3), (rd,)),
-            2: ((rd, rd // 2, k, k), (rd // 2,)),
-            4: ((rd // 2, 1, k, k), (1,)),
-        }.items():
-            dec[f"trans_conv.{i}.weight"] = src.get(f"decoder.transposed_convolution.{i}.weight", wshape)
-            dec[f"trans_conv.{i}.bias"] = src.get(f"decoder.transposed_convolution.{i}.bias", bshape)
-    else:
-        dec["trans_conv.weight"] = src.get("decoder.transposed_convolution.weight", (rd, 1, patch, patch))
-        dec["trans_conv.bias"] = src.get("decoder.transposed_convolution.bias", (1,))
+    _apply_to_original(src, CLIP_RULES, sizes, clip, include_dropped=include_unused_reduce)
+    _apply_to_original(src, DECODER_RULES, sizes, dec, include_dropped=include_unused_reduce)
     src.check_all_used()
     return dec, clip
