@@ -61,6 +61,20 @@ def test_prompt_count_in_same_bucket_does_not_recompile(tiny_hf_dir):
     assert pred.compile_count() > n
 
 
+def test_pair_chunk_follows_the_device_and_does_not_change_the_result(tiny_hf_dir, pred):
+    """On CPU the decoder goes pair by pair (the Predictor's default there); chunks of 3 over 4 prompt slots leave
+    a padded group; one batched pass (None) gives the same probabilities."""
+    assert pred.device.platform == "cpu" and pred.pair_chunk == 1
+    imgs, prompts = [_img(seed=1), _img(seed=2)], ["a cat", "the dog", "a red umbrella"]
+    want = pred.predict(imgs, prompts)
+    for chunk in (None, 3):
+        other = Predictor.from_pretrained(tiny_hf_dir, pair_chunk=chunk)
+        assert other.pair_chunk == chunk
+        np.testing.assert_allclose(other.predict(imgs, prompts), want, atol=1e-5)
+    with pytest.raises(ValueError, match="pair_chunk"):
+        Predictor.from_pretrained(tiny_hf_dir, pair_chunk=0)
+
+
 def test_sizes_differ_returns_list(pred):
     out = pred.predict([_img(100, 80), _img(50, 70)], ["a cat"])
     assert isinstance(out, list) and out[0].shape == (1, 100, 80) and out[1].shape == (1, 50, 70)
