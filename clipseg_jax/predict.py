@@ -207,11 +207,6 @@ class Predictor:
         logits = model.decode(model.encode_image(normalize(pixels_u8, self.dtype)), cond, pair_chunk=pair_chunk)
         return jax.nn.sigmoid(logits.astype(jnp.float32))
 
-    def compile_count(self) -> int:
-        """How many distinct shapes have been compiled so far (for checking that buckets are reused)."""
-        fns = (self._jit_text, self._jit_image_features, self._jit_segment, self._jit_segment_pairs, self._jit_resize)
-        return sum(f._cache_size() for f in fns)
-
     def clear_cache(self) -> None:
         """Forget cached text embeddings (benchmarks use this to time the text encoder on every call)."""
         self._text_cache.clear()
