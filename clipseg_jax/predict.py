@@ -7,6 +7,7 @@ the decoder for every (image, prompt) pair, sigmoid. Text embeddings are cached 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from clipseg_jax._placement import place
 from clipseg_jax.model.clipseg import CLIPSeg
+from clipseg_jax.model.decoder import resolve_pair_chunk
 from clipseg_jax.prompts import IMAGENET_MEAN, IMAGENET_STD
 from clipseg_jax.resize import pil_bilinear, torch_bilinear_matrix
 from clipseg_jax.tokenizer import CLIPTokenizer
@@ -116,15 +119,23 @@ class Predictor:
 
     def __init__(self, model: CLIPSeg, tokenizer: CLIPTokenizer | None = None, image_size: int = 352,
                  text_cache_size: int = 4096, max_images_per_call: int | None = None,
-                 resize_on_device: bool | None = None, host_threads: int | None = None):
-        """max_images_per_call: images encoded per jitted call. Default: 1 on CPU, where a batch of 4 ViT-B/16
+                 resize_on_device: bool | None = None, host_threads: int | None = None,
+                 device: jax.Device | None = None, pair_chunk: int | None | str = "auto"):
+        """device: where the model runs (its parameters are committed there); default: the device holding them.
+        The defaults below depend on that device's platform.
+        max_images_per_call: images encoded per jitted call. Default: 1 on CPU, where a batch of 4 ViT-B/16
         passes at 352 takes ~1.7x longer than 4 single passes (working set out of cache; transformers shows the
         same), 64 on accelerators.
         resize_on_device: resize probabilities back to the image size in a jitted matmul next to the model (default
         on accelerators, where the host einsum would cost more than the network) instead of on the host.
         host_threads: threads for decoding/resizing inputs on the host (PIL releases the GIL); default: CPU count,
-        at most 16."""
-        on_cpu = jax.default_backend() == "cpu"
+        at most 16.
+        pair_chunk: (image, prompt) pairs the decoder decodes at a time (`CLIPSegDecoder`); "auto": 1 on CPU,
+        all at once (None) on accelerators."""
+        self._graphdef, state = nnx.split(model)
+        self._state, self.device = place(state, device)
+        on_cpu = self.device.platform == "cpu"
+        self._pair_chunk = resolve_pair_chunk(pair_chunk, self.device)
         if max_images_per_call is None:
             max_images_per_call = 1 if on_cpu else IMAGE_BUCKETS[-1]
         self.image_chunk = _bucket(max_images_per_call, IMAGE_BUCKETS)
@@ -135,13 +146,13 @@ class Predictor:
         self.tokenizer = tokenizer or CLIPTokenizer.from_pretrained(None)
         self.image_size = image_size
         self.dtype = model.dtype
-        self._graphdef, self._state = nnx.split(model)
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_size = text_cache_size
         self._jit_text = jax.jit(self._text_fn)
         self._jit_image_features = jax.jit(self._image_features_fn)
-        self._jit_segment = jax.jit(self._segment_fn)
-        self._jit_segment_pairs = jax.jit(self._segment_pairs_fn)
+        # Bound now, not read at trace time: the compiled calls and `pair_chunk` cannot disagree.
+        self._jit_segment = jax.jit(functools.partial(self._segment_fn, pair_chunk=self._pair_chunk))
+        self._jit_segment_pairs = jax.jit(functools.partial(self._segment_pairs_fn, pair_chunk=self._pair_chunk))
         self._jit_resize = jax.jit(_resize_probs_device)
 
     @classmethod
@@ -151,6 +162,11 @@ class Predictor:
         path = resolve(name_or_path)
         return cls(from_pretrained(path, dtype=dtype), CLIPTokenizer.from_pretrained(path), **kwargs)
 
+    @property
+    def pair_chunk(self) -> int | None:
+        """(image, prompt) pairs the decoder decodes at a time; None: all of a call's pairs in one pass."""
+        return self._pair_chunk
+
     # -- jitted pieces (pure functions of the split model state) ------------------------------------------
     def _text_fn(self, state, ids, mask):
         return nnx.merge(self._graphdef, state).get_text_features(ids, mask).astype(jnp.float32)
@@ -158,25 +174,20 @@ class Predictor:
     def _image_features_fn(self, state, pixels_u8):
         return nnx.merge(self._graphdef, state).get_image_features(normalize(pixels_u8, self.dtype)).astype(jnp.float32)
 
-    def _segment_fn(self, state, pixels_u8, cond):
+    def _segment_fn(self, state, pixels_u8, cond, pair_chunk):
         """pixels (N, S, S, 3) uint8, cond (K, P): all N*K pairs -> probabilities (N, K, S, S)."""
         model = nnx.merge(self._graphdef, state)
         acts = model.encode_image(normalize(pixels_u8, self.dtype))
         n, k = pixels_u8.shape[0], cond.shape[0]
         cond_pairs = jnp.tile(cond, (n, 1))  # image-major, prompt-minor: pair i*K + j
-        logits = model.decode(acts, cond_pairs, prompts_per_image=k)
+        logits = model.decode(acts, cond_pairs, prompts_per_image=k, pair_chunk=pair_chunk)
         return jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(n, k, *logits.shape[1:])
 
-    def _segment_pairs_fn(self, state, pixels_u8, cond):
+    def _segment_pairs_fn(self, state, pixels_u8, cond, pair_chunk):
         """One condition per image: pixels (N, S, S, 3), cond (N, P) -> (N, S, S)."""
         model = nnx.merge(self._graphdef, state)
-        logits = model.decode(model.encode_image(normalize(pixels_u8, self.dtype)), cond)
+        logits = model.decode(model.encode_image(normalize(pixels_u8, self.dtype)), cond, pair_chunk=pair_chunk)
         return jax.nn.sigmoid(logits.astype(jnp.float32))
-
-    def compile_count(self) -> int:
-        """How many distinct shapes have been compiled so far (for checking that buckets are reused)."""
-        fns = (self._jit_text, self._jit_image_features, self._jit_segment, self._jit_segment_pairs, self._jit_resize)
-        return sum(f._cache_size() for f in fns)
 
     def clear_cache(self) -> None:
         """Forget cached text embeddings (benchmarks use this to time the text encoder on every call)."""

@@ -17,6 +17,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def lowerings():
+    """Names of the programs jax lowers from now on, from jax.monitoring's public events: each lowering is a new
+    compiled specialisation (compiled, or fetched from the persistent compilation cache); the eager ops jax compiles
+    count too."""
+    names: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield names
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A tiny random CLIPSeg checkpoint written by save_pretrained (safetensors + tokenizer.json)."""

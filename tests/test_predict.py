@@ -49,16 +49,31 @@ def test_image_encoded_once_for_all_prompts(pred):
         np.testing.assert_allclose(many[:, j], one[:, 0], atol=1e-5)
 
 
-def test_prompt_count_in_same_bucket_does_not_recompile(tiny_hf_dir):
+def test_prompt_count_in_same_bucket_does_not_recompile(tiny_hf_dir, lowerings):
     pred = Predictor.from_pretrained(tiny_hf_dir)
     img = _img()
     pred.predict([img], ["a", "b", "c"])          # prompt bucket 4, text bucket 8
-    n = pred.compile_count()
+    n = len(lowerings)
+    assert n > 0
     pred.predict([img], ["d", "e", "f", "g"])     # still bucket 4 / 8
     pred.predict([img], ["h", "i", "j"])
-    assert pred.compile_count() == n
-    pred.predict([img], ["k"] * 1)                # new prompt bucket 1 -> one more segment compile
-    assert pred.compile_count() > n
+    assert lowerings[n:] == []                    # nothing compiled, not even an eager op
+    pred.predict([img], ["k"] * 1)                # new prompt bucket 1 -> the text and segment calls compile again
+    assert len(lowerings) > n
+
+
+def test_pair_chunk_follows_the_device_and_does_not_change_the_result(tiny_hf_dir, pred):
+    """On CPU the decoder goes pair by pair (the Predictor's default there); chunks of 3 over 4 prompt slots leave
+    a padded group; one batched pass (None) gives the same probabilities."""
+    assert pred.device.platform == "cpu" and pred.pair_chunk == 1
+    imgs, prompts = [_img(seed=1), _img(seed=2)], ["a cat", "the dog", "a red umbrella"]
+    want = pred.predict(imgs, prompts)
+    for chunk in (None, 3):
+        other = Predictor.from_pretrained(tiny_hf_dir, pair_chunk=chunk)
+        assert other.pair_chunk == chunk
+        np.testing.assert_allclose(other.predict(imgs, prompts), want, atol=1e-5)
+    with pytest.raises(ValueError, match="pair_chunk"):
+        Predictor.from_pretrained(tiny_hf_dir, pair_chunk=0)
 
 
 def test_sizes_differ_returns_list(pred):

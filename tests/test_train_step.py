@@ -175,6 +175,25 @@ def test_gradients_and_moments_exist_for_the_decoder_only(tiny_hf_dir, tmp_path)
     assert set(state["params"]) == {"decoder"}
 
 
+def test_validation_decodes_pair_by_pair_on_one_cpu_with_the_one_pass_counts(tiny_hf_dir, tmp_path):
+    """The trainer's validation step chunks the decoder on its single CPU device (the train step never does); the
+    threshold counts are those of one batched pass, up to float32 rounding flipping a pixel at a threshold."""
+    from clipseg_jax.train.loop import Trainer
+    from clipseg_jax.train.state import make_mesh
+    from clipseg_jax.train.step import make_eval_step
+
+    trainer = Trainer(_config(tiny_hf_dir, tmp_path), make_mesh(1, 1, jax.devices()[:1]))
+    assert trainer.pair_chunk == 1
+    batch = {k: jnp.asarray(v) for k, v in _batch(3).items()}
+    params = trainer.init_state()["params"]
+    chunked, plain = (jax.jit(make_eval_step(trainer.graphdef, trainer.rest, trainer.chunk, c))(params, trainer.frozen,
+                                                                                                 batch)
+                      for c in (trainer.pair_chunk, None))
+    assert np.asarray(plain).sum() > 0
+    diff = np.abs(np.asarray(chunked, np.int64) - np.asarray(plain, np.int64))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 def test_fsdp_shards_parameters_and_moments_by_the_rule():
     """On 8 fake devices (4 x 2): a decoder matrix with a dimension the fsdp size divides is split on it, its
     Adam moments likewise; small leaves and scalars stay replicated."""

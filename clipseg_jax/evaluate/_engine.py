@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clipseg_jax._placement import place
+from clipseg_jax.model.decoder import resolve_pair_chunk
+
 
 def _pad_batch(x: np.ndarray, n: int) -> np.ndarray:
     if len(x) == n:
@@ -24,17 +27,18 @@ def _pad_batch(x: np.ndarray, n: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef):
-    """The jitted model calls for one model structure. Cached, so every Engine over the same structure (a trainer's
-    periodic validation, several protocols in one process) reuses one compilation per input shape."""
+def _compiled(graphdef, pair_chunk: int | None):
+    """The jitted model calls for one model structure and decoder chunking. Cached, so every Engine over the same
+    structure (several protocols in one process) reuses one compilation per input shape."""
 
     def text_fn(state, px, ids, mask):
         m = nnx.merge(graphdef, state)
-        return jax.nn.sigmoid(m(px, input_ids=ids, attention_mask=mask).logits.astype(jnp.float32))
+        out = m(px, input_ids=ids, attention_mask=mask, pair_chunk=pair_chunk)
+        return jax.nn.sigmoid(out.logits.astype(jnp.float32))
 
     def visual_fn(state, px, spx):
         m = nnx.merge(graphdef, state)
-        return jax.nn.sigmoid(m(px, conditional_pixel_values=spx).logits.astype(jnp.float32))
+        return jax.nn.sigmoid(m(px, conditional_pixel_values=spx, pair_chunk=pair_chunk).logits.astype(jnp.float32))
 
     def text_emb_fn(state, ids, mask):
         m = nnx.merge(graphdef, state)
@@ -46,7 +50,7 @@ def _compiled(graphdef):
         k = cond.shape[0]
         n = px.shape[0]
         c = jnp.tile(cond, (n, 1))  # prompt-major within each image
-        logits = m.decode(acts, c, prompts_per_image=k).astype(jnp.float32)
+        logits = m.decode(acts, c, prompts_per_image=k, pair_chunk=pair_chunk).astype(jnp.float32)
         return jax.nn.sigmoid(logits).reshape(n, k, *logits.shape[1:])
 
     return jax.jit(text_fn), jax.jit(visual_fn), jax.jit(text_emb_fn), jax.jit(multi_fn)
@@ -57,20 +61,30 @@ class Engine:
 
     model: a ``clipseg_jax`` CLIPSeg module; tokenizer: ``clipseg_jax.tokenizer.CLIPTokenizer``.
     All ``*_probs`` methods return device arrays of sigmoid probabilities (float32).
+    device: where the model runs (its parameters are committed there); default: the device holding them.
+    pair_chunk: (image, prompt) pairs the decoder decodes at a time (``CLIPSegDecoder``); "auto": 1 on a CPU
+    device, all at once (None) on accelerators.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 8):
+    def __init__(self, model, tokenizer, batch_size: int = 8, device: jax.Device | None = None,
+                 pair_chunk: int | None | str = "auto"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         graphdef, state = nnx.split(model)
-        self._state = state
-        self._text, self._visual, self._text_emb, self._multi = _compiled(graphdef)
+        self._state, self.device = place(state, device)
+        self._pair_chunk = resolve_pair_chunk(pair_chunk, self.device)
+        self._text, self._visual, self._text_emb, self._multi = _compiled(graphdef, self._pair_chunk)
+
+    @property
+    def pair_chunk(self) -> int | None:
+        """(image, prompt) pairs the decoder decodes at a time (bound into the compiled calls); None: all at once."""
+        return self._pair_chunk
 
     @classmethod
-    def load(cls, checkpoint: str, dtype: str = "float32", batch_size: int = 8) -> "Engine":
-        """Model + tokenizer from an HF directory, hub id or our checkpoint directory."""
+    def load(cls, checkpoint: str, dtype: str = "float32", batch_size: int = 8, **kwargs) -> "Engine":
+        """Model + tokenizer from an HF directory, hub id or our checkpoint directory; kwargs: see the class."""
         from clipseg_jax import loading
         from clipseg_jax.tokenizer import CLIPTokenizer
 
@@ -81,7 +95,7 @@ class Engine:
         path = loading.resolve(checkpoint)
         has_tok = any((path / f).is_file() for f in ("tokenizer.json", "vocab.json"))
         tokenizer = CLIPTokenizer.from_pretrained(path if has_tok else None)
-        return cls(model, tokenizer, batch_size=batch_size)
+        return cls(model, tokenizer, batch_size=batch_size, **kwargs)
 
     # -- calls ------------------------------------------------------------------------------
 

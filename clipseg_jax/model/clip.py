@@ -119,10 +119,11 @@ class Attention(nnx.Module):
         self.implementation = "einsum"
 
     def __call__(self, x: Array, bias: Array | None = None, dropout_key: Array | None = None,
-                 n_queries: int | None = None) -> Array:
+                 n_queries: int | None = None, deterministic: bool | None = None) -> Array:
         """`dropout_key`: a PRNG key turns on the attention-probability dropout (if the layer has one) with that
-        key, whatever the module's train/eval mode; None keeps the mode's behaviour. `n_queries`: attend from the
-        first n tokens only (keys and values from all): output (B, n, d)."""
+        key, whatever the module's train/eval mode; `deterministic=True` turns it off whatever the mode; neither
+        keeps the mode's behaviour. `n_queries`: attend from the first n tokens only (keys and values from all):
+        output (B, n, d)."""
         b, n, d = x.shape
         h = self.num_heads
         x = x.astype(self.dtype)
@@ -143,7 +144,7 @@ class Attention(nnx.Module):
         drop = None
         if self.dropout is not None and dropout_key is not None:
             drop = functools.partial(self.dropout, deterministic=False, rngs=dropout_key)
-        elif self.dropout is not None and not self.dropout.deterministic:
+        elif self.dropout is not None and not deterministic and not self.dropout.deterministic:
             drop = self.dropout
         if self.implementation != "einsum" and drop is None:
             impl = None if self.implementation == "auto" else self.implementation

@@ -67,11 +67,11 @@ class CLIPSeg(nnx.Module):
         return self.clip.get_image_features(pixel_values.astype(self.dtype))
 
     def decode(self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1,
-               dropout_key: Array | None = None) -> Array:
-        """Logits (N*K, H, W) of each image's K prompts; `dropout_key` turns on train-mode dropout (see
-        `CLIPSegDecoder`)."""
+               dropout_key: Array | None = None, pair_chunk: int | None = None) -> Array:
+        """Logits (N*K, H, W) of each image's K prompts; `dropout_key` turns on train-mode dropout, `pair_chunk`
+        decodes the pairs that many at a time (inference only; see `CLIPSegDecoder`)."""
         return self.decoder(activations, conditional_embeddings.astype(self.decoder_dtype), prompts_per_image,
-                            dropout_key)
+                            dropout_key, pair_chunk)
 
     # -- the HF-shaped forward ---------------------------------------------------------------------------
     def __call__(
@@ -82,9 +82,11 @@ class CLIPSeg(nnx.Module):
         conditional_pixel_values: Array | None = None,
         conditional_embeddings: Array | None = None,
         output_pooled: bool = False,
+        pair_chunk: int | None = None,
     ) -> CLIPSegOutput:
         """pixel_values: (B, H, W, 3) ImageNet-normalised. Exactly one condition: input_ids (B, L) (+ attention_mask),
-        conditional_pixel_values (B, H', W', 3), or conditional_embeddings (B, projection_dim)."""
+        conditional_pixel_values (B, H', W', 3), or conditional_embeddings (B, projection_dim). `pair_chunk`: see
+        `CLIPSegDecoder`."""
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.config.vision_config.num_channels:
             raise ValueError(
                 f"pixel_values has shape {pixel_values.shape}: expected (B, H, W, "
@@ -112,5 +114,5 @@ class CLIPSeg(nnx.Module):
                 )
         if cond.shape[0] != b:
             raise ValueError(f"{given[0]} has batch {cond.shape[0]}, pixel_values has {b}: they must match")
-        logits = self.decode(acts, cond)
+        logits = self.decode(acts, cond, pair_chunk=pair_chunk)
         return CLIPSegOutput(logits=logits, conditional_embeddings=cond, pooled_output=pooled)

@@ -36,17 +36,40 @@ def torch_linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return lin
 
 
-def _with_key(dropout: nnx.Dropout, key: Array | None):
-    """`dropout` in train mode drawing its mask from `key`; without a key, as the module's mode says."""
-    return dropout if key is None else functools.partial(dropout, deterministic=False, rngs=key)
+def _dropout_site(dropout: nnx.Dropout, key: Array | None, deterministic: bool | None):
+    """`dropout` drawing its mask from `key` if one is given; off if `deterministic`; else as the module's mode
+    (`model.train()` / `model.eval()`) says."""
+    if key is not None:
+        return functools.partial(dropout, deterministic=False, rngs=key)
+    if deterministic:
+        return functools.partial(dropout, deterministic=True)
+    return dropout
+
+
+def resolve_pair_chunk(pair_chunk: int | None | str, device: jax.Device) -> int | None:
+    """The decoder's `pair_chunk` for computations running on `device`: "auto" gives 1 on a CPU and None (one
+    batched pass) elsewhere; None or an int >= 1 are returned as given."""
+    if pair_chunk == "auto":
+        # On CPU the decoder is memory-bound: a batch's (pairs, 4 heads, 485, 485) scores and (pairs, 485, 2048)
+        # MLP activations fall out of cache, one pair's stay in it (16 pairs: ~1.25 s batched, ~0.41 s one at a
+        # time). Accelerators want the one batched pass.
+        return 1 if device.platform == "cpu" else None
+    _check_pair_chunk(pair_chunk)
+    return pair_chunk
+
+
+def _check_pair_chunk(pair_chunk) -> None:
+    if pair_chunk is not None and (isinstance(pair_chunk, bool) or not isinstance(pair_chunk, int) or pair_chunk < 1):
+        raise ValueError(f"pair_chunk must be None, 'auto' or an int >= 1, got {pair_chunk!r}")
 
 
 class DecoderLayer(nnx.Module):
     """torch `TransformerEncoderLayer` defaults (post-LN, ReLU MLP): LN1(x + attn(x)), then LN2(x + mlp(x)).
 
     Dropout sits where torch puts it (attention probabilities, after attention, after the ReLU, after the MLP). It
-    is active when a `dropout_key` is passed (the trainer: masks are a function of that key) or, without one, in
-    the module's train mode (`model.train()`, masks from the modules' own RNG streams).
+    is active when a `dropout_key` is passed (the trainer: masks are a function of that key), off when
+    `deterministic=True` is, and otherwise as the module's mode says (`model.train()`: masks from the modules' own
+    RNG streams; `model.eval()`, the default: off).
     Initialised like the original's `nn.TransformerEncoderLayer`: q/k/v xavier-uniform over the packed (3d, d)
     `in_proj_weight` with zero bias, out_proj torch-Linear weight with zero bias, MLP torch-Linear.
     """
@@ -68,11 +91,14 @@ class DecoderLayer(nnx.Module):
         self.dropout_act = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
         self.dropout2 = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
 
-    def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
+    def __call__(self, x: Array, dropout_key: Array | None = None, deterministic: bool | None = None) -> Array:
+        """x: (B, L, dim). `dropout_key` / `deterministic`: see the class; both at once is a contradiction."""
+        if dropout_key is not None and deterministic:
+            raise ValueError("a dropout_key asks for dropout, deterministic=True for none: pass one of them")
         keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
-        drop1, drop_act, drop2 = (_with_key(m, k) for m, k in
+        drop1, drop_act, drop2 = (_dropout_site(m, k, deterministic) for m, k in
                                   zip((self.dropout1, self.dropout_act, self.dropout2), keys[1:]))
-        x = self.layer_norm1(x + drop1(self.self_attn(x, dropout_key=keys[0])))
+        x = self.layer_norm1(x + drop1(self.self_attn(x, dropout_key=keys[0], deterministic=deterministic)))
         h = self.mlp.fc2(drop_act(jax.nn.relu(self.mlp.fc1(x))))
         return self.layer_norm2(x + drop2(h))
 
@@ -110,8 +136,6 @@ class CLIPSegDecoder(nnx.Module):
     def __init__(self, cfg: CLIPSegConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         v, d = cfg.vision_config, cfg.reduce_dim
         self.conditional_layer = cfg.conditional_layer
-        # Pairs decoded together per step on CPU (see __call__); None = all at once.
-        self.pair_chunk: int | None = 1
         # Initialised like the original's torch modules (a freshly trained decoder starts where the paper's did).
         self.film_mul = torch_linear(cfg.projection_dim, d, dtype, rngs)
         self.film_add = torch_linear(cfg.projection_dim, d, dtype, rngs)
@@ -146,14 +170,15 @@ class CLIPSegDecoder(nnx.Module):
         applied once per image and then repeated for every prompt of that image."""
         return [r(a) for a, r in zip(activations[::-1], self.reduces)]
 
-    def _per_pair(self, reduced: Sequence[Array], conditional_embeddings: Array, dropout_key: Array | None = None) -> Array:
+    def _per_pair(self, reduced: Sequence[Array], conditional_embeddings: Array, dropout_key: Array | None = None,
+                  deterministic: bool | None = None) -> Array:
         """FiLM, transformer layers and head for a batch of (image, condition) pairs; reduced: deepest first."""
         out = None
         for i, (a, layer) in enumerate(zip(reduced, self.layers)):
             out = a if out is None else a + out
             if i == self.conditional_layer:
                 out = self.film_mul(conditional_embeddings)[:, None] * out + self.film_add(conditional_embeddings)[:, None]
-            out = layer(out, None if dropout_key is None else jax.random.fold_in(dropout_key, i))
+            out = layer(out, None if dropout_key is None else jax.random.fold_in(dropout_key, i), deterministic)
         tokens = out[:, 1:]
         b, n, d = tokens.shape
         side = math.isqrt(n)
@@ -171,25 +196,29 @@ class CLIPSegDecoder(nnx.Module):
         return x[..., 0]
 
     def __call__(self, activations: Sequence[Array], conditional_embeddings: Array, prompts_per_image: int = 1,
-                 dropout_key: Array | None = None) -> Array:
+                 dropout_key: Array | None = None, pair_chunk: int | None = None) -> Array:
         """activations: per extract layer (N, 1+h*w, width) in extract_layers order; conditional_embeddings:
         (N*prompts_per_image, projection_dim), prompt-major within each image. Returns logits (N*K, H, W).
 
-        `dropout_key`: train-mode dropout with masks drawn from this key (layer i uses fold_in(key, i)); None: as
-        the modules' mode says (eval by default)."""
+        `dropout_key`: dropout with masks drawn from this key (layer i uses fold_in(key, i)); None: as the modules'
+        mode says (`model.eval()`, the default: none).
+        `pair_chunk`: None decodes all pairs in one batched pass; an int decodes them `pair_chunk` at a time under
+        `lax.map` (same logits; the caller picks it for the device, see `resolve_pair_chunk`). Chunking is for
+        inference: the chunked pass never drops out, whatever the modules' mode, and refuses a `dropout_key`."""
+        _check_pair_chunk(pair_chunk)
+        if pair_chunk is not None and dropout_key is not None:
+            raise ValueError("pair_chunk is an inference option: decoding with a dropout_key needs pair_chunk=None")
         red = self.reduce(activations)
         if prompts_per_image > 1:
             red = [jnp.repeat(r, prompts_per_image, axis=0) for r in red]
-        b = conditional_embeddings.shape[0]
-        chunk = self.pair_chunk
-        training = dropout_key is not None or not self.layers[0].dropout1.deterministic
-        if chunk is None or training or b <= chunk or jax.default_backend() != "cpu":
+        if pair_chunk is None:
             return self._per_pair(red, conditional_embeddings, dropout_key)
-        # On CPU the decoder is memory-bound: (pairs, 4 heads, 485, 485) scores and (pairs, 485, 2048) MLP
-        # activations fall out of cache. Looping over small groups of pairs keeps them in cache (~4x faster);
-        # on accelerators one batched pass is better.
-        pad = (-b) % chunk
-        group = lambda t: jnp.pad(t, [(0, pad)] + [(0, 0)] * (t.ndim - 1)).reshape(-1, chunk, *t.shape[1:])
-        out = jax.lax.map(lambda args: self._per_pair(args[0], args[1]),
+        b = conditional_embeddings.shape[0]
+        if b <= pair_chunk:
+            return self._per_pair(red, conditional_embeddings, deterministic=True)
+        # The last group is padded with zero pairs and their logits dropped (pairs are independent).
+        pad = (-b) % pair_chunk
+        group = lambda t: jnp.pad(t, [(0, pad)] + [(0, 0)] * (t.ndim - 1)).reshape(-1, pair_chunk, *t.shape[1:])
+        out = jax.lax.map(lambda args: self._per_pair(args[0], args[1], deterministic=True),
                           ([group(r) for r in red], group(conditional_embeddings)))
         return out.reshape(-1, *out.shape[2:])[:b]

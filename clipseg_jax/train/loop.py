@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from clipseg_jax._io import write_atomic
+from clipseg_jax.model.decoder import resolve_pair_chunk
 from clipseg_jax.train import state as st
 from clipseg_jax.train.checkpoint import Checkpoints, fingerprint
 from clipseg_jax.train.config import ConfigError, to_json
@@ -209,7 +210,10 @@ class Trainer:
         self._step = jax.jit(make_train_step(self.graphdef, self.rest, self.tx, self.recipe),
                              in_shardings=(self.state_sh, self.frozen_sh, self.batch_sharding),
                              out_shardings=(self.state_sh, self.rep), donate_argnums=0)
-        eval_step = make_eval_step(self.graphdef, self.rest, self.chunk)
+        # Validation decodes pair by pair on one CPU device like the Predictor; over several devices a lax.map
+        # over the global batch would run their shares one after the other.
+        self.pair_chunk = resolve_pair_chunk("auto", mesh.devices.flat[0]) if mesh.size == 1 else None
+        eval_step = make_eval_step(self.graphdef, self.rest, self.chunk, self.pair_chunk)
         self._eval = jax.jit(lambda p, f, b, i: (eval_step(p, f, b), i),
                              in_shardings=(self.param_sh, self.frozen_sh, self.batch_sharding, self.batch_sharding),
                              out_shardings=(self.rep, self.rep))

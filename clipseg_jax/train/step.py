@@ -109,15 +109,16 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, recipe: Re
     return train_step
 
 
-def make_eval_step(graphdef, rest, chunk: int = 0) -> Callable:
+def make_eval_step(graphdef, rest, chunk: int = 0, pair_chunk: int | None = None) -> Callable:
     """eval(params, frozen, batch) -> per-sample threshold counts (B, 4, 49): the raw phrase as text condition,
-    sigmoid probabilities at the batch's resolution, counted against its mask (`FixedThresholdMetrics`)."""
+    sigmoid probabilities at the batch's resolution, counted against its mask (`FixedThresholdMetrics`).
+    `pair_chunk`: the decoder's (see `CLIPSegDecoder`); the train step never chunks (dropout needs one pass)."""
 
     def eval_step(params, frozen, batch: Batch):
         model = nnx.merge(graphdef, params, frozen, rest)
         acts = in_chunks(lambda x: model.encode_image(normalize(x, model.dtype)), chunk, batch["image"])
         cond = in_chunks(model.get_text_features, chunk, batch["input_ids"], batch["attention_mask"])
-        probs = jax.nn.sigmoid(model.decode(acts, cond).astype(jnp.float32))
+        probs = jax.nn.sigmoid(model.decode(acts, cond, pair_chunk=pair_chunk).astype(jnp.float32))
         return threshold_counts(probs, batch["mask"] > 0)
 
     return eval_step
