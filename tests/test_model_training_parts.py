@@ -158,16 +158,18 @@ def test_engines_over_one_model_structure_share_compilations(tiny_hf_dir, loweri
     from clipseg_jax.tokenizer import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(tiny_hf_dir)
-    px = np.zeros((2, 64, 64, 3), np.float32)
-    engine = Engine(clipseg_jax.from_pretrained(tiny_hf_dir), tok, batch_size=2)
+    # Engines share compiled functions process-wide: shapes no other test uses, so the first call compiles.
+    px = np.zeros((7, 64, 64, 3), np.float32)
+    prompts = list("abcdefg")
+    engine = Engine(clipseg_jax.from_pretrained(tiny_hf_dir), tok, batch_size=7)
     n = len(lowerings)
-    first = engine.text_probs(px, ["a", "b"])
+    first = engine.text_probs(px, prompts)
     assert len(lowerings) > n
     model = clipseg_jax.from_pretrained(tiny_hf_dir)
     for _, var in nnx.to_flat_state(nnx.state(model.decoder, nnx.Param)):  # other weights, same structure
         var[...] = var[...] * 0.5
-    engine = Engine(model, tok, batch_size=2)
+    engine = Engine(model, tok, batch_size=7)
     n = len(lowerings)
-    second = engine.text_probs(px, ["a", "b"])
+    second = engine.text_probs(px, prompts)
     assert len(lowerings) == n
     assert float(jnp.abs(first - second).max()) > 0
