@@ -26,8 +26,13 @@ spent more time in TF's per-op overhead (~100 small ops per sample) than in pixe
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import pickle
+import queue
+import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -52,6 +57,8 @@ from data_pipelines.sources import Source
 __all__ = ["PCPlus", "PCPlusIterator", "eval_dataset"]
 
 AUTOTUNE = -1  # == tf.data.AUTOTUNE (TensorFlow is imported only where a tf.data.Dataset is built)
+# Recycling buffers by reference count needs the GIL: free-threaded builds have no reliable counts.
+_REFCOUNTS_RELIABLE = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +107,50 @@ def _empty_aligned(shape: tuple[int, ...], dtype=np.uint8, align: int = 64) -> n
     return raw[off:off + n].view(dtype).reshape(shape)
 
 
+class _ArrayPool:
+    """Batch arrays recycled once nothing but the pool references them.
+
+    A fresh ~12 MB array per batch is handed back to the OS by the allocator once tf.data frees
+    it (on another thread), so every batch paid page faults and kernel zeroing again (≈ 0.15 ms
+    per sample measured). TF adopts a `numpy_function` result without a copy and holds a
+    reference to it for as long as the tensor, or a numpy array the consumer got from it,
+    lives; any numpy view keeps the buffer owner alive. So an array whose own and owner's
+    reference counts are back to the pool's baseline is unused and may be overwritten. (TF may
+    drop its reference a little after the tensor dies, deferring decrefs made without the GIL:
+    that only delays reuse.)
+    """
+
+    def __init__(self, per_shape: int):
+        self._arrays: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._per_shape = per_shape
+        # Reference counts of an unused pooled array and of its buffer owner, measured through
+        # the same code path (interpreter versions count borrowed references differently).
+        probe = [_empty_aligned((1,))]
+        self._free = self._refs(probe, 0)
+        self._enabled = _REFCOUNTS_RELIABLE  # no recycling on free-threaded builds
+
+    @staticmethod
+    def _refs(arrays: list[np.ndarray], i: int) -> tuple[int, int]:
+        return sys.getrefcount(arrays[i]), sys.getrefcount(arrays[i].base)
+
+    def get(self, key: str, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+        """An aligned (64 B) array of `shape` for batch field `key`, uninitialised (possibly an earlier
+        batch's values). (A worker's pool hands out the shared-memory array of that field instead.)"""
+        if not self._enabled:
+            return _empty_aligned(shape, dtype)
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self._lock:
+            arrays = self._arrays.setdefault(key, [])
+            for i in range(len(arrays)):
+                if self._refs(arrays, i) == self._free:
+                    return arrays[i]
+            a = _empty_aligned(shape, dtype)
+            if len(arrays) < self._per_shape:
+                arrays.append(a)
+            return a
+
+
 def _host_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     """The given (process_index, process_count), missing ones from jax (one host without jax)."""
     if process_index is None or process_count is None:
@@ -139,11 +190,10 @@ class PCPlus:
       with_visual: False: no visual supports are built (text-prompt training, the original's
         `with_visual=False`): `support_valid` is all False and the support arrays are zeros.
       workers: 0 (default): `iterator()` runs tf.data's threads in this process, which share one
-        GIL (≈ 1.3x from 2 threads on 2 cores). N > 0: `iterator()` builds batches in N grain
-        worker processes instead (`grain` `mp_prefetch`: one core each, no shared GIL), written
-        into shared memory and handed out in step order without a copy; the same batches either
-        way. The source must pickle (the built-in ones reopen their files in the worker).
-        `dataset()` always uses threads.
+        GIL (≈ 1.3x from 2 threads on 2 cores). N > 0: `iterator()` builds batches in N worker
+        processes instead (one core each, no shared GIL), written into shared memory and handed
+        out in step order without a copy; the same batches either way. The source must pickle
+        (the built-in ones reopen their files in the worker). `dataset()` always uses threads.
     """
 
     OUTPUT_KEYS = ("image", "mask", "prompt", "phrase", "negative", "support_image", "support_valid",
@@ -235,11 +285,16 @@ class PCPlus:
         self._rank = rank
         self._perms: dict[int, np.ndarray] = {}
         self._perm_lock = threading.Lock()
+        # Batches alive at once: parallel map + prefetch buffer + the consumer's (and one spare); two
+        # arrays of each shape per batch (image / support_image, mask / support_mask).
+        parallel = num_parallel_calls if isinstance(num_parallel_calls, int) and num_parallel_calls > 0 else os.cpu_count()
+        alive = int(parallel or 1) + (prefetch if isinstance(prefetch, int) and prefetch > 0 else 2) + 2
+        self._pool = _ArrayPool(2 * alive)
 
     def __getstate__(self) -> dict:
-        # What a worker process needs: no lock or permutation cache (rebuilt there).
+        # What a worker process needs: no locks, caches or pooled arrays (rebuilt there).
         state = self.__dict__.copy()
-        for key in ("_perm_lock", "_perms"):
+        for key in ("_pool", "_perm_lock", "_perms"):
             state.pop(key, None)
         return state
 
@@ -248,6 +303,7 @@ class PCPlus:
         self.__dict__.update(state)
         self._perms = {}
         self._perm_lock = threading.Lock()
+        self._pool = _ArrayPool(4)
 
     # ---- index arithmetic -------------------------------------------------------------------
     @property
@@ -359,22 +415,20 @@ class PCPlus:
         render_visual_prompt_square_u8(image, mask, self.mode, out=out)
         return True
 
-    def batch(self, step: int, empty=None) -> dict[str, np.ndarray]:
+    def batch(self, step: int) -> dict[str, np.ndarray]:
         """Batch `step` of this host's stream as a dict of numpy arrays (a pure function of step).
 
-        `empty(shape)`: allocates the uint8 pixel arrays (default: 64-byte aligned, which tf.data adopts
-        without a copy; grain workers pass shared memory).
+        The pixel arrays come from a pool and are reused once nothing references them (docs/data.md §4).
         """
-        empty = empty or _empty_aligned
         p = self.plan(step)
         b, s = self.batch_size, self.image_size
-        image = empty((b, s, s, 3))
-        mask = empty((b, s, s))
-        support = empty((b, s, s, 3))
+        image = self._pool.get("image", (b, s, s, 3))
+        mask = self._pool.get("mask", (b, s, s))
+        support = self._pool.get("support_image", (b, s, s, 3))
         support_valid = np.zeros(b, bool)
         scratch = np.empty((s, s, 3), np.uint8)
         device = self.support_render == "device"
-        support_mask = empty((b, s, s)) if device else None
+        support_mask = self._pool.get("support_mask", (b, s, s)) if device else None
         for i in range(b):
             self._query(int(p["task"][i]), p["crop_u"][i], image[i], mask[i])
             if p["negative"][i]:
@@ -471,7 +525,7 @@ class PCPlusIterator:
         self.pipeline = pipeline
         self.step = int(start_step)
         if pipeline.workers > 0:
-            self._it = _GrainBatches(pipeline, self.step, num_steps)
+            self._it = _ProcessBatches(pipeline, self.step, num_steps)
         else:
             self._it = pipeline.dataset(start_step, num_steps).as_numpy_iterator()
         _LIVE_ITERATORS.add(self)
@@ -479,7 +533,7 @@ class PCPlusIterator:
     def close(self) -> None:
         """Stop the background work (also done at interpreter exit)."""
         it, self._it = self._it, None
-        if isinstance(it, _GrainBatches):
+        if isinstance(it, _ProcessBatches):
             it.close()
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -504,99 +558,171 @@ class PCPlusIterator:
         return cls(pipeline, state["step"])
 
 
-def _shared_memory_empty(shape: tuple[int, ...]) -> np.ndarray:
-    """A uint8 array in a fresh shared-memory block: grain hands it to the parent without a copy (the
-    parent's array unlinks the block when it is freed)."""
-    from grain.python import SharedMemoryArray
+class _Slot:
+    """One batch's pixel arrays in a shared-memory block, written by a worker, read in place here."""
 
-    return SharedMemoryArray(shape, np.uint8)
+    def __init__(self, layout: list[tuple[str, tuple[int, ...], int]], size: int):
+        from multiprocessing import shared_memory
 
+        self.shm = shared_memory.SharedMemory(create=True, size=size)
+        # The arrays own the mapping: numpy keeps the mmap object alive but takes no buffer export, so
+        # SharedMemory.close() (also run by its __del__) would unmap it under arrays still handed out.
+        # Made directly on the mmap (not as reshaped views), so that every view of a handed-out array
+        # has that array as its base and counts in `free()`.
+        mm = self.shm._mmap
+        self.arrays = [np.ndarray(shape, np.uint8, buffer=mm, offset=off) for _, shape, off in layout]
+        self.shm._buf.release()
+        self.shm._buf = self.shm._mmap = None  # close() is now a no-op; unmapped when the arrays go
+        self.keys = [key for key, _, _ in layout]
+        self.busy = False
+        # Reference counts of the arrays while only this slot holds them (same access path as `free`).
+        self._baseline = [sys.getrefcount(self.arrays[i]) for i in range(len(self.arrays))]
 
-class _BatchOfStep:
-    """The map function of the grain dataset: step -> `pipeline.batch(step)`, built in shared memory when
-    it runs in a grain worker process (`_in_worker` is set there by the worker init function)."""
-
-    _in_worker = False
-
-    def __init__(self, pipeline: PCPlus):
-        self.pipeline = pipeline
-
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        empty = _shared_memory_empty if _BatchOfStep._in_worker else None
-        return self.pipeline.batch(int(step), empty=empty)
-
-    @staticmethod
-    def mark_worker(*_args) -> None:
-        """grain `worker_init_fn`: this process is a worker (one OpenCV thread, Ctrl-C left to the parent)."""
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent closes the workers on Ctrl-C
-        cv2.setNumThreads(1)
-        _BatchOfStep._in_worker = True
+    def free(self) -> bool:
+        """Not being written and no batch handed out from it is referenced any more (views included:
+        a view holds its base)."""
+        return not self.busy and all(sys.getrefcount(self.arrays[i]) == self._baseline[i]
+                                     for i in range(len(self.arrays)))
 
 
-class _GrainBatches:
-    """`PCPlus.batch(step)` for consecutive steps, built by `pipeline.workers` grain worker processes
-    (`MapDataset.range(...).map(batch)`, `mp_prefetch`): ordered, each worker on every N-th step, two
-    batches buffered per worker, pixel arrays passed in shared memory. Resuming starts a new dataset at
-    the step (the step is the whole state)."""
+class _ProcessBatches:
+    """`PCPlus.batch(step)` for consecutive steps, built by worker processes (see `PCPlus` workers).
+
+    Up to 2 * workers batches are in flight; results arrive in any order and are handed out in step
+    order. A slot is reused once nothing references the arrays of the batch read from it, so a
+    consumer may keep batches for as long as it likes (new slots are made meanwhile).
+    """
 
     def __init__(self, pipeline: PCPlus, start: int, num_steps: int | None):
-        import grain
-        from absl import flags
+        import multiprocessing as mp
 
-        if not flags.FLAGS.is_parsed():
-            # grain reads its absl flags (worker profiling) as workers start; in a program that parses no
-            # absl flags (this project's CLI uses argparse) that raises UnparsedFlagAccessError: defaults.
-            flags.FLAGS.mark_as_parsed()
-        import cloudpickle  # what grain sends the dataset to its workers with
-
+        if not _REFCOUNTS_RELIABLE:
+            raise NotImplementedError("workers > 0 needs reference counts to recycle slots; not on a "
+                                      "free-threaded Python build (use workers=0)")
         try:
-            cloudpickle.dumps(pipeline)
+            payload = pickle.dumps(pipeline)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"workers={pipeline.workers} needs a picklable source; "
                              f"{type(pipeline.source).__name__} is not ({e})") from None
         b, s = pipeline.batch_size, pipeline.image_size
-        per_batch = b * s * s * (7 + (pipeline.support_render == "device"))
-        buffer = 1  # per worker, plus one each in grain's interleave buffer and in the making
-        _check_shared_memory(per_batch * (pipeline.workers * (buffer + 2) + 2))
-        stop = np.iinfo(np.int64).max if num_steps is None else int(start) + int(num_steps)
-        ds = grain.MapDataset.range(int(start), stop).map(_BatchOfStep(pipeline))
-        options = grain.MultiprocessingOptions(num_workers=pipeline.workers, per_worker_buffer_size=buffer)
-        # No thread prefetch inside a worker (grain's default is 16 threads, 500 elements ahead): the worker
-        # process is the unit of parallelism, its buffer the only one.
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        # The pixel arrays are built in shared memory; the small per-sample vectors are pickled (a
-        # shared-memory block each would cost more than the copy).
-        ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 20))
-        self._it = iter(ds.mp_prefetch(options, worker_init_fn=_BatchOfStep.mark_worker))
-        self._next = int(start)
+        shapes = [("image", (b, s, s, 3)), ("support_image", (b, s, s, 3)), ("mask", (b, s, s))]
+        if pipeline.support_render == "device":
+            shapes.append(("support_mask", (b, s, s)))
+        self._layout, off = [], 0
+        for key, shape in shapes:
+            self._layout.append((key, shape, off))
+            off += -(-int(np.prod(shape)) // 64) * 64  # 64-byte aligned arrays
+        self._slot_size = off
         self._keys = pipeline.output_keys
+        self._depth = 2 * pipeline.workers
+        _check_shared_memory(off * (self._depth + 2))
+        self._slots: list[_Slot] = []
+        self._next = self._submitted = int(start)
+        self._stop = np.iinfo(np.int64).max if num_steps is None else int(start) + int(num_steps)
+        self._inflight: dict[int, _Slot] = {}
+        self._ready: dict[int, tuple[_Slot, dict]] = {}
+        ctx = mp.get_context("spawn")  # fork would copy JAX's / TF's threads' locks
+        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        from data_pipelines import _pcplus_worker  # imports only the standard library (the packages' inits are light)
+
+        args = (payload, self._tasks, self._results, self._layout)
+        self._procs = [ctx.Process(target=_pcplus_worker.main, args=args, name=f"pcplus-worker-{i}", daemon=True)
+                       for i in range(pipeline.workers)]
+        for proc in self._procs:
+            proc.start()
+        self._closed = False
         self._error: RuntimeError | None = None
+        self._fill()
+
+    def _slot(self) -> _Slot:
+        for slot in self._slots:
+            if slot.free():
+                return slot
+        slot = _Slot(self._layout, self._slot_size)
+        self._slots.append(slot)
+        return slot
+
+    def _fill(self) -> None:
+        while self._submitted < self._stop and len(self._inflight) + len(self._ready) < self._depth:
+            slot = self._slot()
+            slot.busy = True
+            self._inflight[self._submitted] = slot
+            self._tasks.put((self._submitted, slot.shm.name))
+            self._submitted += 1
+
+    def _fail(self, message: str) -> RuntimeError:
+        self._error = RuntimeError(message)
+        self.close()
+        return self._error
+
+    def _check_workers(self) -> None:
+        dead = [p for p in self._procs if p.exitcode is not None]
+        if dead:
+            raise self._fail(f"PC+ worker process {dead[0].name} exited with code {dead[0].exitcode} "
+                             f"(batch {self._next} pending); its stderr has the reason")
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._error is not None:  # grain's iterator is spent after a worker failed: the same error again
+        if self._error is not None:
             raise self._error
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            raise
-        except Exception as e:  # noqa: BLE001  (a worker's exception or death, re-raised by grain)
-            self._error = RuntimeError(f"PC+ worker failed on batch {self._next}: {type(e).__name__}: {e}")
-            self.close()
-            raise self._error from e
+        if self._closed:
+            raise StopIteration
+        if self._next >= self._stop:
+            self.close()  # nothing more to build: let the workers go
+            raise StopIteration
+        self._check_workers()
+        while self._next not in self._ready:
+            try:
+                kind, step, payload = self._results.get(timeout=1.0)
+            except queue.Empty:
+                self._check_workers()
+                continue
+            if kind == "error":
+                raise self._fail(f"PC+ worker failed on batch {step}: {payload}" if step >= 0 else
+                                 f"PC+ worker failed to start: {payload}")
+            self._ready[step] = (self._inflight.pop(step), payload)
+        slot, small = self._ready.pop(self._next)
+        parts = {**dict(zip(slot.keys, slot.arrays)), **small}
+        batch = {k: parts[k] for k in self._keys}  # the order `batch()` and tf.data give
+        slot.busy = False  # reusable once `batch` (and views of it) are gone
         self._next += 1
-        return {k: batch[k] for k in self._keys}  # grain's tree functions sort the keys: the order `batch()` gives
+        self._fill()
+        return batch
 
     def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._procs:
+            self._tasks.put(None)
+        # Drain results meanwhile: a worker whose unread results fill the pipe cannot exit.
+        deadline = time.monotonic() + 5.0
+        while any(p.is_alive() for p in self._procs) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty, OSError, EOFError):
+                while True:
+                    self._results.get_nowait()
+            for proc in self._procs:
+                proc.join(timeout=0.05)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+        for slot in self._slots:
+            # Unlink only: batches handed out may still be in use (the mapping lives until they go).
+            try:
+                slot.shm.unlink()
+            except FileNotFoundError:
+                pass
+        self._tasks.close()
+        self._results.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter shutdown queues may already be gone
+            self.close()
 
 
 def _check_shared_memory(needed: int) -> None:
-    """Refuse up front when /dev/shm cannot hold the batches in flight (Docker's default is 64 MB): a
-    worker writing past it would die of SIGBUS with no message."""
+    """Refuse up front when /dev/shm cannot hold the slots (Docker's default is 64 MB): a worker
+    writing past it would die of SIGBUS with no message."""
     try:
         st = os.statvfs("/dev/shm")
     except OSError:  # no /dev/shm (not Linux): nothing to check
@@ -604,26 +730,28 @@ def _check_shared_memory(needed: int) -> None:
     free = st.f_bavail * st.f_frsize
     if free < needed:
         raise ValueError(f"/dev/shm has {free / 2**20:.0f} MB free, PC+ workers need at least {needed / 2**20:.0f} MB "
-                         "(batch_size x image_size² x 7-8 bytes per batch, 3 per worker + 2 handed out); enlarge it "
+                         "(batch_size x image_size² x 7-8 bytes per slot, 2 x workers + 2 slots); enlarge it "
                          "(docker run --shm-size=...) or use fewer workers / a smaller batch")
 
 
 def eval_dataset(source: Source, batch_size: int = 32, image_size: int = 352,
                  process_index: int | None = None, process_count: int | None = None) -> tf.data.Dataset:
-    """CLIPSeg's PhraseCut test view: whole image squashed to image_size², raw phrase, in order.
+    """CLIPSeg's PhraseCut test view of `source` (`clipseg_jax.evaluate.phrasecut.eval_view`: whole image
+    squashed to image_size², mask nearest, raw phrase), the image rounded to uint8 as batches are, in order.
 
     Finite; host p takes tasks p, p+P, ...; the last batch may be smaller.
     """
     import tensorflow as tf
 
+    from clipseg_jax.evaluate.phrasecut import eval_view
+
     process_index, process_count = _host_shard(process_index, process_count)
-    cv2.setNumThreads(1)
     phrases = np.array([p.encode() for p in source.phrases], dtype=object)
     s = image_size
 
     def load(i):
-        image, mask = source.read(int(i))
-        return torch_bilinear_align_corners_u8(image, s, s), torch_nearest(mask, (s, s)), phrases[int(i)]
+        image, mask = eval_view(*source.read(int(i)), s)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, phrases[int(i)]
 
     def fn(i):
         image, mask, phrase = tf.numpy_function(load, [i], (tf.uint8, tf.uint8, tf.string), stateful=False)

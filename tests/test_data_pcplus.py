@@ -337,6 +337,15 @@ def test_eval_dataset(source):
     idx = np.concatenate([b["task_index"] for b in batches])
     assert list(idx) == list(range(len(source)))
     assert batches[0]["image"].shape[1:] == (352, 352, 3)
+    # the view of the evaluation protocol (clipseg_jax.evaluate.phrasecut), rounded to uint8
+    from clipseg_jax.evaluate.phrasecut import eval_view
+
+    for i in (0, len(source) - 1):
+        want_image, want_mask = eval_view(*source.read(i))
+        b, j = batches[i // 8], i % 8
+        np.testing.assert_array_equal(b["image"][j], np.clip(np.rint(want_image), 0, 255).astype(np.uint8))
+        np.testing.assert_array_equal(b["mask"][j], want_mask)
+        assert b["phrase"][j].decode() == source.phrases[i]
 
 
 def test_make_pcplus_from_config(data_dir, tmp_path):
@@ -556,16 +565,30 @@ def test_batch_arrays_are_adopted_by_tf_without_copy():
     assert all(np.shares_memory(o, b) for o, b in zip(outs, bufs))
 
 
-def test_held_batches_stay_intact(source):
-    """Batches (and views of them) the consumer holds are never written by later batches."""
+def test_batch_buffers_recycled_only_when_unreferenced(source):
+    """Batch arrays are reused once nothing references them, and never while a batch (or a view
+    of one, or the numpy array the tf.data iterator yielded) is still held."""
     kw = dict(batch_size=3, seed=5, process_index=0, process_count=1)
-    expected = [PCPlus(source, **kw).batch(s) for s in range(8)]
+    ref = PCPlus(source, **kw)
+    expected = [ref.batch(s) for s in range(8)]
     pipe = PCPlus(source, num_parallel_calls=2, prefetch=1, **kw)
-    view = pipe.batch(0)["support_image"][1]
+
+    b0 = pipe.batch(0)
+    image_id = id(b0["image"])  # the pool keeps the object alive, so its id stays unique to it
+    view = b0["support_image"][1]
+    del b0
+    b1 = pipe.batch(1)
+    assert id(b1["image"]) == image_id  # recycled: the previous batch was dropped
+    assert not np.shares_memory(b1["support_image"], view)  # a live view keeps its buffer
+    np.testing.assert_array_equal(view, expected[0]["support_image"][1])
+
     held = list(pipe.iterator(0, 8))  # every yielded batch kept while later ones are built
     for got, want in zip(held, expected):
         for k in ("image", "mask", "support_image"):
             np.testing.assert_array_equal(got[k], want[k])
     np.testing.assert_array_equal(view, expected[0]["support_image"][1])
 
-
+    for s, got in enumerate(pipe.iterator(0, 8)):  # consumed one at a time, buffers recycled
+        for k in ("image", "mask", "support_image"):
+            np.testing.assert_array_equal(got[k], expected[s][k])
+        del got

@@ -192,6 +192,15 @@ def task_mask(task: PhraseCutTask) -> np.ndarray:
     return polygons_mask(task.polygons, task.height, task.width).view(bool)
 
 
+def eval_view(image: np.ndarray, mask: np.ndarray, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """CLIPSeg's PhraseCut test transform, the one definition of it (this protocol and the trainer's validation,
+    `data_pipelines.pcplus.eval_dataset`, use it): the whole image squashed to size x size without keeping the
+    aspect ratio (torch bilinear, align_corners=True, float32 0..255) and the mask resized with torch's nearest
+    (uint8)."""
+    return (torch_bilinear_align_corners(image.astype(np.float32), (size, size)),
+            torch_nearest(np.asarray(mask).astype(np.uint8), (size, size)))
+
+
 def load_sample(root: Path, task: PhraseCutTask, size: int = IMAGE_SIZE):
     """(pixel_values float32 (size, size, 3) normalised, target uint8 (size, size))."""
     path = root / "images" / f"{task.image_id}.jpg"
@@ -201,10 +210,8 @@ def load_sample(root: Path, task: PhraseCutTask, size: int = IMAGE_SIZE):
             f"{path}: image is {img.shape[1]}x{img.shape[0]} but image_data_split.json says "
             f"{task.width}x{task.height} (task {task.task_id})"
         )
-    seg = task_mask(task).astype(np.uint8)
-    target = torch_nearest(seg, (size, size))
-    px = normalize01(torch_bilinear_align_corners(img.astype(np.float32), (size, size)) / 255.0)
-    return px, target
+    image, target = eval_view(img, task_mask(task), size)
+    return normalize01(image / 255.0), target
 
 
 # ----------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class TrainBatches:
 def eval_batches(source, tokenizer: CLIPTokenizer, text_length: int, image_size: int, global_batch: int,
                  sharding, process_index: int, process_count: int) -> Iterator[tuple[dict[str, jax.Array], np.ndarray]]:
     """The validation view of `source` (image squashed to image_size², mask nearest, the raw phrase; CLIPSeg's
-    PhraseCut test view, `pcplus.eval_dataset`), sharded over processes, as (global batch, global task index with
+    PhraseCut test view, `clipseg_jax.evaluate.phrasecut.eval_view`, via `pcplus.eval_dataset`), sharded over processes, as (global batch, global task index with
     -1 for padding). Every process yields the same number of batches."""
     from data_pipelines.pcplus import eval_dataset
 
