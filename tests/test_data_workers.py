@@ -14,6 +14,10 @@ from data_fixtures import data_dir, manual_dir  # noqa: F401
 from data_pipelines.pcplus import PCPlus
 from data_pipelines.sources import CachedSource, Source, TfdsSource, build_cache
 
+# These tests compare /dev/shm before and after: with pytest-xdist they share one worker with every other test
+# that starts PC+ worker processes (group "pcplus_shared_memory"), so no other test's blocks come and go meanwhile.
+pytestmark = pytest.mark.xdist_group("pcplus_shared_memory")
+
 
 @pytest.fixture(scope="module")
 def cached(data_dir, tmp_path_factory):
@@ -108,6 +112,7 @@ def test_workers_stop_at_the_end_and_when_one_dies(cached):
     started = [p for p in _worker_processes() if p not in before]
     assert started
     started[-1].kill()
+    started[-1].join(timeout=30)  # dead before the next batch is asked for (else the other worker may serve it)
     with pytest.raises(RuntimeError, match=r"PC\+ worker process pcplus-worker-\d exited with code -9"):
         for _ in range(20):
             next(it)

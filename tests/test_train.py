@@ -275,7 +275,7 @@ def test_bad_input_is_one_line_and_touches_no_checkpoint(baseline, shapes_dir, t
     assert {p: p.stat().st_mtime_ns for p in (wd / "checkpoints").rglob("*")} == stamp
 
 
-
+@pytest.mark.xdist_group("pcplus_shared_memory")  # starts PC+ worker processes (see test_data_workers.py)
 def test_training_from_a_cache_with_device_rendering_and_worker_processes(baseline, shapes_dir, tmp_path):
     """The fast input path: a pre-resized cache, visual prompts rendered in the step, batches built by PC+
     worker processes; it trains, and the validation source defaults to the cache's TFDS split."""
