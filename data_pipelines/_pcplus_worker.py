@@ -17,10 +17,10 @@ class _SlotPool:
     def __init__(self, views: dict):
         self._views = views
 
-    def get(self, key, shape, dtype=None):
-        view = self._views[key]
+    def get(self, field, shape, dtype=None):
+        view = self._views[field]
         if view.shape != tuple(shape):
-            raise ValueError(f"slot array {key!r} has shape {view.shape}, batch() asked for {tuple(shape)}")
+            raise ValueError(f"slot array {field!r} has shape {view.shape}, batch() asked for {tuple(shape)}")
         return view
 
 

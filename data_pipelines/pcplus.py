@@ -134,8 +134,8 @@ class _ArrayPool:
     def _refs(arrays: list[np.ndarray], i: int) -> tuple[int, int]:
         return sys.getrefcount(arrays[i]), sys.getrefcount(arrays[i].base)
 
-    def get(self, key: str, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
-        """An aligned (64 B) array of `shape` for batch field `key`, uninitialised (possibly an earlier
+    def get(self, field: str, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+        """An aligned (64 B) array of `shape` for batch field `field`, uninitialised (possibly an earlier
         batch's values). (A worker's pool hands out the shared-memory array of that field instead.)"""
         if not self._enabled:
             return _empty_aligned(shape, dtype)
