@@ -235,17 +235,22 @@ class Trainer:
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer step (the state is donated). Compiled on first use; `flops_per_device` then set."""
         if self._compiled is None:
-            self._compiled = self._step.lower(state, self.frozen, batch).compile()
-            self.flops_per_device = self._count_flops(state, batch)
+            lowered = self._step.lower(state, self.frozen, batch)
+            self._compiled = lowered.compile()
+            self.flops_per_device = self._count_flops(state, batch, lowered)
         return self._compiled(state, self.frozen, batch)
 
-    def _count_flops(self, state, batch) -> float | None:
+    def _count_flops(self, state, batch, lowered) -> float | None:
         """FLOPs of one step per device: XLA's cost analysis of the step lowered without chunking (a `lax.map`
-        body would be counted once, not once per group), divided over the devices."""
+        body would be counted once, not once per group), divided over the devices. `lowered` is the step as
+        compiled: without chunking it is counted as it is (no second trace)."""
         import dataclasses
 
-        plain = make_train_step(self.graphdef, self.rest, self.tx, dataclasses.replace(self.recipe, chunk=0))
-        flops = _flops(jax.jit(plain).lower(state, self.frozen, batch))
+        if self.recipe.chunk == 0:
+            flops = _flops(lowered)
+        else:
+            plain = make_train_step(self.graphdef, self.rest, self.tx, dataclasses.replace(self.recipe, chunk=0))
+            flops = _flops(jax.jit(plain).lower(state, self.frozen, batch))
         return None if flops is None else flops / self.mesh.size
 
     def evaluate(self, params, source, tokenizer, eval_cfg, threshold: float) -> dict:
