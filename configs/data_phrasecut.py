@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.min_crop_fg = 0.05
     c.crop_iterations = 50
     c.workers = 0              # > 0: build batches in this many processes (no shared GIL) instead of tf.data threads
-    # source='synthetic': images per split and their size range (data_pipelines.synthetic.generate)
+    # source='synthetic': images per split and their size range (data_pipelines.synthetic.generate); shapes
+    # apart with exact masks, all in colour (overlap=True, grayscale_every=7: PhraseCut-like uncorrected occlusion)
     c.synthetic = ml_collections.ConfigDict(dict(train_images=1500, val_images=150, min_size=96, max_size=160,
-                                                 seed=0))
+                                                 seed=0, overlap=False, grayscale_every=0))
     return c

@@ -45,8 +45,10 @@ def synthetic_data_dir(config):
     s = config.synthetic
     root = config.data_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "clipseg_jax",
-        f"synthetic_shapes-{s.train_images}-{s.val_images}-{s.min_size}-{s.max_size}-{s.seed}")
-    return synthetic.prepare(root, s.train_images, s.val_images, s.min_size, s.max_size, s.seed)
+        f"synthetic_shapes-{s.train_images}-{s.val_images}-{s.min_size}-{s.max_size}-{s.seed}"
+        f"-o{int(s.overlap)}-g{s.grayscale_every}")
+    return synthetic.prepare(root, s.train_images, s.val_images, s.min_size, s.max_size, s.seed, s.overlap,
+                             s.grayscale_every)
 
 
 def train_and_eval_sources(data, eval_data, eval_fraction: float = 0.1):

@@ -81,8 +81,9 @@ def _phrase(color: str, shape: str, size_word: str | None) -> tuple[str, dict]:
     }
 
 
-def _make_image(rng: np.random.Generator, image_id: int, h: int, w: int, grayscale: bool):
-    """One image plus its tasks (PhraseCut refer dicts)."""
+def _make_image(rng: np.random.Generator, image_id: int, h: int, w: int, grayscale: bool, overlap: bool = True):
+    """One image plus its tasks (PhraseCut refer dicts). With `overlap=False` no two shapes touch (an object
+    that finds no free place in 30 draws is left out), so every mask is exactly its object's visible pixels."""
     img = _textured_background(rng, h, w)
     n_obj = int(rng.integers(2, 6))
     objects = []
@@ -93,11 +94,21 @@ def _make_image(rng: np.random.Generator, image_id: int, h: int, w: int, graysca
         r = float(rng.uniform(0.16, 0.26) if big else rng.uniform(0.07, 0.12)) * min(h, w)
         cx = float(rng.uniform(r, w - r))
         cy = float(rng.uniform(r, h - r))
+        if not overlap:
+            # Circumscribed circles apart (a square's corner reaches r * sqrt(2)).
+            def free(x, y):
+                return all(math.hypot(x - o["cx"], y - o["cy"]) > 1.42 * (r + o["r"]) + 2 for o in objects)
+            for _ in range(30):
+                if free(cx, cy):
+                    break
+                cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
+            else:
+                continue
         polys = _shape_polygons(shape, cx, cy, r, split=bool(rng.random() < 0.25))
         objects.append({"ann_id": image_id * 100 + k, "shape": shape, "color": color, "big": big, "r": r,
                         "cx": cx, "cy": cy, "polys": polys})
     # Later objects are drawn on top; the masks of earlier ones are not corrected for occlusion,
-    # exactly like PhraseCut (polygons of VG objects overlap).
+    # exactly like PhraseCut (polygons of VG objects overlap) -- unless overlap=False placed them apart.
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
     for o in objects:
@@ -169,6 +180,7 @@ def generate(
     first_image_id: int = 1,
     jpeg_quality: int = 90,
     overwrite: bool = False,
+    overlap: bool = True,
 ) -> Path:
     """Write a synthetic `VGPhraseCut_v0` directory and return its path.
 
@@ -180,6 +192,7 @@ def generate(
       grayscale_every: every n-th image is saved as a grayscale JPEG (0 disables).
       first_image_id: first image id; ids are consecutive and disjoint between splits.
       overwrite: replace an existing non-empty `out_dir`.
+      overlap: shapes may overlap with uncorrected masks (PhraseCut-like); False places them apart (exact masks).
 
     The directory is written to a temporary sibling and renamed, so it is never half-written.
     """
@@ -203,7 +216,7 @@ def generate(
                 h = int(rng.integers(min_size, max_size + 1))
                 w = int(rng.integers(min_size, max_size + 1))
                 gray = grayscale_every > 0 and image_id % grayscale_every == 0
-                pil, tasks = _make_image(rng, image_id, h, w, gray)
+                pil, tasks = _make_image(rng, image_id, h, w, gray, overlap)
                 pil.save(tmp / "images" / f"{image_id}.jpg", quality=jpeg_quality)
                 image_info.append({"image_id": image_id, "width": w, "height": h, "split": split, "url": "",
                                    "coco_id": None, "flickr_id": None})
@@ -230,19 +243,22 @@ def generate(
 
 
 def prepare(data_dir: str | os.PathLike, train_images: int = 1500, val_images: int = 150, min_size: int = 96,
-            max_size: int = 160, seed: int = 0) -> Path:
+            max_size: int = 160, seed: int = 0, overlap: bool = False, grayscale_every: int = 0) -> Path:
     """The synthetic dataset as a prepared `phrasecut` TFDS dataset under `data_dir` (returns the TFDS data_dir).
 
     On first use writes `data_dir/VGPhraseCut_v0` (`generate`) and builds the TFDS dataset into `data_dir/tfds`;
     later calls with the same arguments reuse it (`data_dir/synthetic.json` records them; other arguments are an
-    error naming that file). Safe for several processes at once (a file lock serialises them).
+    error naming that file). Safe for several processes at once (a file lock serialises them). By default the
+    shapes do not overlap and every image is in colour, so the labels hold no unlearnable pixels (hidden parts
+    of masks, colour words on grayscale images); `overlap=True, grayscale_every=7` gives the PhraseCut-like set.
     """
     import fcntl
 
     root = Path(data_dir).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
     params = {"train_images": int(train_images), "val_images": int(val_images), "min_size": int(min_size),
-              "max_size": int(max_size), "seed": int(seed), "version": 1}
+              "max_size": int(max_size), "seed": int(seed), "overlap": bool(overlap),
+              "grayscale_every": int(grayscale_every), "version": 1}
     marker = root / "synthetic.json"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -260,7 +276,8 @@ def prepare(data_dir: str | os.PathLike, train_images: int = 1500, val_images: i
             _shutil.rmtree(d, ignore_errors=True)
         # A few test/miniv images: the TFDS builder wants every split non-empty.
         counts = {"train": params["train_images"], "val": params["val_images"], "test": 4, "miniv": 4}
-        generate(root / "VGPhraseCut_v0", counts, min_size, max_size, seed)
+        generate(root / "VGPhraseCut_v0", counts, min_size, max_size, seed, grayscale_every=grayscale_every,
+                 overlap=overlap)
         import tensorflow_datasets as tfds
 
         tfds.disable_progress_bar()

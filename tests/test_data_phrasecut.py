@@ -182,3 +182,31 @@ def test_miniv_is_optional(tmp_path, caplog):
     (man / "refer_val.json").unlink()
     with pytest.raises(FileNotFoundError, match="refer_val.json not found"):
         phrasecut.build(man, tmp_path / "d2")
+
+
+def test_synthetic_shapes_apart_have_exact_masks_and_the_default_stream_is_unchanged(tmp_path):
+    """overlap=False: no pixel belongs to two objects' masks, and each mask pixel shows its phrase's colour;
+    the default (overlap=True) writes what it wrote before the option existed."""
+    apart = synthetic.generate(tmp_path / "a", {"train": 30}, seed=3, overlap=False, grayscale_every=0)
+    tasks = json.loads((apart / "refer_train.json").read_text())
+    by_image: dict[int, list] = {}
+    for t in tasks:
+        if t["phrase_structure"]["type"] == "attribute":
+            by_image.setdefault(t["image_id"], []).append(t)
+    assert sum(len(v) for v in by_image.values()) > 60
+    for image_id, ts in by_image.items():
+        img = np.asarray(Image.open(apart / "images" / f"{image_id}.jpg").convert("RGB"), np.int32)
+        h, w = img.shape[:2]
+        masks = [polygons_mask(t["Polygons"], h, w) for t in ts]
+        assert (np.sum(masks, axis=0) <= 1).all(), image_id
+        for t, m in zip(ts, masks):
+            colour = np.array(synthetic.COLORS[t["phrase_structure"]["attributes"][-1]])
+            inside = np.abs(img[m.astype(bool)] - colour).max(-1) < 60  # JPEG ringing at the edges only
+            assert inside.mean() > 0.85, (image_id, t["phrase"], inside.mean())
+    import hashlib
+
+    default = synthetic.generate(tmp_path / "d", {"train": 3}, seed=3)
+    digest = {f: hashlib.sha256((default / f).read_bytes()).hexdigest()[:16] for f in ("refer_train.json",
+                                                                                        "images/1.jpg")}
+    # written by the generator as it was before `overlap` existed (commit 6206e65)
+    assert digest == {"refer_train.json": "4c5b2312d8d78d60", "images/1.jpg": "e65e17284b8c5022"}, digest
