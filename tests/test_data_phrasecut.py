@@ -187,6 +187,8 @@ def test_miniv_is_optional(tmp_path, caplog):
 def test_synthetic_shapes_apart_have_exact_masks_and_the_default_stream_is_unchanged(tmp_path):
     """overlap=False: no pixel belongs to two objects' masks, and each mask pixel shows its phrase's colour;
     the default (overlap=True) writes what it wrote before the option existed."""
+    from skimage.morphology import disk, erosion
+
     apart = synthetic.generate(tmp_path / "a", {"train": 30}, seed=3, overlap=False, grayscale_every=0)
     tasks = json.loads((apart / "refer_train.json").read_text())
     by_image: dict[int, list] = {}
@@ -201,8 +203,9 @@ def test_synthetic_shapes_apart_have_exact_masks_and_the_default_stream_is_uncha
         assert (np.sum(masks, axis=0) <= 1).all(), image_id
         for t, m in zip(ts, masks):
             colour = np.array(synthetic.COLORS[t["phrase_structure"]["attributes"][-1]])
-            inside = np.abs(img[m.astype(bool)] - colour).max(-1) < 60  # JPEG ringing at the edges only
-            assert inside.mean() > 0.85, (image_id, t["phrase"], inside.mean())
+            core = erosion(m.astype(np.uint8), disk(2)).astype(bool)  # off the edges (rasteriser rule, JPEG ringing)
+            inside = np.abs(img[core] - colour).max(-1) < 60
+            assert core.sum() == 0 or inside.mean() > 0.97, (image_id, t["phrase"], inside.mean())
     import hashlib
 
     default = synthetic.generate(tmp_path / "d", {"train": 3}, seed=3)
