@@ -185,8 +185,8 @@ def test_miniv_is_optional(tmp_path, caplog):
 
 
 def test_synthetic_shapes_apart_have_exact_masks_and_the_default_stream_is_unchanged(tmp_path):
-    """overlap=False: no pixel belongs to two objects' masks, and the interior of each mask (2 px in) shows its phrase's colour;
-    the default (overlap=True) writes what it wrote before the option existed."""
+    """overlap=False: no pixel belongs to two objects' masks, and the interior of each mask (2 px in) shows its
+    phrase's colour; the default (overlap=True) writes what it wrote before the option existed."""
     from skimage.morphology import disk, erosion
 
     apart = synthetic.generate(tmp_path / "a", {"train": 30}, seed=3, overlap=False, grayscale_every=0)
