@@ -3,7 +3,9 @@ resume from their joint checkpoint. Fake CPU devices need fresh processes, so ev
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,20 +69,24 @@ def _two_processes(wd: Path, overrides: list[str]) -> list[subprocess.CompletedP
 def test_two_processes_train_agree_and_resume(baseline, shapes_dir, tmp_path):
     """Two local processes (jax.distributed on 127.0.0.1, gloo collectives), 2 fake devices each: each feeds its
     own PC+ shard; both end with the same parameters; the joint checkpoint resumes to the unbroken run's losses."""
-    wd = tmp_path / "two"
-    sched = {"optimizer.decay_steps": 6, "checkpoint_every": 2}  # the same lr schedule when stopped at 4
-    first = _two_processes(wd, tiny_overrides(shapes_dir, total_steps=4, **sched))
+    over = tiny_overrides(shapes_dir, total_steps=6, checkpoint_every=2)
+    unbroken = tmp_path / "unbroken"
+    first = _two_processes(unbroken, over)
     for r in first:
         assert r.returncode == 0, r.stderr[-3000:]
     prints = [[line for line in r.stdout.splitlines() if "parameters" in line] for r in first]
     assert prints[0] and prints[0] == prints[1], prints  # the same parameter fingerprint on both processes
-    assert sorted(p.name for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
-    resumed = _two_processes(wd, tiny_overrides(shapes_dir, total_steps=6, **sched))
+    assert sorted(p.name for p in (unbroken / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4", "6"]
+    # A run stopped after step 4's joint checkpoint: the unbroken run's workdir without checkpoint 6 and the log
+    # of steps 5-6, so every loss of steps 5-6 below is logged by the resumed processes.
+    wd = tmp_path / "stopped"
+    shutil.copytree(unbroken, wd)
+    shutil.rmtree(wd / "checkpoints" / "6")
+    kept = [line for line in (wd / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= 4]
+    (wd / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    resumed = _two_processes(wd, over)
     for r in resumed:
         assert r.returncode == 0, r.stderr[-3000:]
     assert all("resumed from step 4" in r.stdout for r in resumed)
-    unbroken = tmp_path / "unbroken"
-    full = _two_processes(unbroken, tiny_overrides(shapes_dir, total_steps=6, **sched))
-    for r in full:
-        assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(losses(wd)) == [1, 2, 3, 4, 5, 6]
     assert losses(wd) == losses(unbroken)

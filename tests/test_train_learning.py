@@ -54,14 +54,14 @@ def test_synthetic_config_learns_an_own_data_folder(tmp_path):
     train = write_shapes_folder(tmp_path / "train", 300, seed=1)
     val = write_shapes_folder(tmp_path / "val", 40, seed=2)
     over = {"data.source": "own", "data.own_data_dir": str(train), "eval_data.source": "own",
-            "eval_data.own_data_dir": str(val), "total_steps": 400, "checkpoint_every": 400, "eval_every": 0,
-            "log_every": 100, "progress": False}
+            "eval_data.own_data_dir": str(val), "total_steps": 200, "checkpoint_every": 200, "eval_every": 0,
+            "log_every": 50, "progress": False}
     wd = tmp_path / "run"
     r = run_train(wd, [f"--config.{k}={v}" for k, v in over.items()], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((wd / "eval_metrics.json").read_text())
-    print("own-data folder of shapes, 400 steps:", ev)
-    assert ev["n_samples"] > 40 and ev["fgiou"] >= 0.3, ev  # 0.40 measured; the random init scores ~0
+    print("own-data folder of shapes, 200 steps:", ev)
+    assert ev["n_samples"] > 40 and ev["fgiou"] >= 0.3, ev  # 0.51-0.53 measured (seeds 0-2); random init ~0
     logged = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
     loss = [x["loss_mean"] for x in logged if "loss_mean" in x]
     assert loss[-1] < 0.5 * loss[0], loss
