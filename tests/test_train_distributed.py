@@ -77,16 +77,19 @@ def test_two_processes_train_agree_and_resume(baseline, shapes_dir, tmp_path):
     prints = [[line for line in r.stdout.splitlines() if "parameters" in line] for r in first]
     assert prints[0] and prints[0] == prints[1], prints  # the same parameter fingerprint on both processes
     assert sorted(p.name for p in (unbroken / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4", "6"]
-    # A run stopped after step 4's joint checkpoint: the unbroken run's workdir without checkpoint 6 and the log
-    # of steps 5-6, so every loss of steps 5-6 below is logged by the resumed processes.
+    # A run stopped after step 4's joint checkpoint that had logged steps 5-6 already: the unbroken run's workdir
+    # without checkpoint 6, its losses of steps 5-6 replaced by a marker. The resumed processes must drop those
+    # records and log steps 5-6 again, once each.
     wd = tmp_path / "stopped"
     shutil.copytree(unbroken, wd)
     shutil.rmtree(wd / "checkpoints" / "6")
-    kept = [line for line in (wd / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= 4]
-    (wd / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    stale = [{**r, "loss": -1.0} if "loss" in r and r["step"] > 4 else r for r in records]
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
     resumed = _two_processes(wd, over)
     for r in resumed:
         assert r.returncode == 0, r.stderr[-3000:]
     assert all("resumed from step 4" in r.stdout for r in resumed)
-    assert sorted(losses(wd)) == [1, 2, 3, 4, 5, 6]
+    logged = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert losses(wd) == losses(unbroken)
