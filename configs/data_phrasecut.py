@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.limit = 0                # use only the first N tasks of the source (0 = all)
     c.seed = 0
     c.negative_prob = 0.2      # q_neg of the paper / rd64-uni yaml
+    c.templates = ()           # prompt templates, one drawn per sample ('{}' = the phrase); () = the paper's 9
+                               # shuffle+ templates (clipseg_jax.prompts.TEMPLATES_SHUFFLE_PLUS)
     c.with_visual = True       # build visual supports (the original's `with_visual`); False = text prompts only
     c.visual_prompt_mode = "crop_blur_highlight352"
     c.support_render = "host"  # 'device': ship raw supports + masks, render in the step (prompts_jax)

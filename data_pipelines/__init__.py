@@ -90,6 +90,8 @@ def make_pcplus(config, source=None, **overrides):
               support_excludes_query=config.support_excludes_query, min_crop_fg=config.min_crop_fg,
               crop_iterations=config.crop_iterations, support_render=config.get("support_render", "host"),
               workers=config.get("workers", 0), with_visual=config.get("with_visual", True))
+    if config.get("templates"):
+        kw["templates"] = tuple(config.templates)
     kw.update(overrides)
     return PCPlus(source, **kw)
 

@@ -358,6 +358,13 @@ def test_make_pcplus_from_config(data_dir, tmp_path):
     pipe = make_pcplus(cfg, batch_size=2, process_index=0, process_count=1, image_size=SMALL)
     b = next(pipe.iterator(0, 1))
     assert b["image"].shape == (2, SMALL, SMALL, 3) and pipe.negative_prob == 0.2 and pipe.workers == 0
+    assert pipe.templates == TEMPLATES_SHUFFLE_PLUS  # templates = () -> the paper's
+    cfg.templates = ("{}", "picture of {}")
+    pipe = make_pcplus(cfg, batch_size=4, process_index=0, process_count=1, image_size=SMALL)
+    b = next(pipe.iterator(0, 1))
+    assert pipe.templates == ("{}", "picture of {}")
+    assert all(p.decode() in (ph.decode(), f"picture of {ph.decode()}") for p, ph in zip(b["prompt"], b["phrase"]))
+    cfg.templates = ()
     cfg.workers = 2
     assert make_pcplus(cfg, batch_size=2, process_index=0, process_count=1).workers == 2
     cfg.workers = 0
