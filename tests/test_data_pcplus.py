@@ -8,7 +8,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from data_fixtures import data_dir, manual_dir  # noqa: F401
 from PIL import Image
 
 from clipseg_jax.prompts import (

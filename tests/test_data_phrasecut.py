@@ -11,7 +11,7 @@ from PIL import Image
 import data_pipelines  # noqa: F401  (registers `phrasecut`)
 from clipseg_jax.polygons import polygon_mask, polygons_mask
 from data_pipelines import phrasecut, synthetic
-from data_fixtures import data_dir, manual_dir, reference_mask, refer  # noqa: F401
+from data_fixtures import reference_mask, refer
 
 
 def brute_force_mask(instances, height: int, width: int) -> np.ndarray:

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-from data_fixtures import data_dir, manual_dir  # noqa: F401
 
 from data_pipelines.pcplus import PCPlus
 from data_pipelines.sources import CachedSource, Source, TfdsSource, build_cache

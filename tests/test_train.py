@@ -22,21 +22,6 @@ from train_helpers import ROOT, SYNTHETIC_CONFIG, losses, model_params, run_trai
 CONFIGS = ("rd64_uni", "rd64_uni_refined", "rd16_uni", "text_only", "own_data", "synthetic_shapes")
 
 
-@pytest.fixture(scope="session")
-def shapes_dir(tmp_path_factory):
-    """Where the tiny synthetic dataset is written (by the first run that needs it)."""
-    return tmp_path_factory.mktemp("shapes")
-
-
-@pytest.fixture(scope="session")
-def baseline(shapes_dir, tmp_path_factory):
-    """An unbroken single-device run: 6 steps, checkpoints at 3 and 6."""
-    wd = tmp_path_factory.mktemp("baseline")
-    r = run_train(wd, tiny_overrides(shapes_dir))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return wd, r
-
-
 def _keys(d, prefix=""):
     out = set()
     for k, v in d.items():

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train import baseline, shapes_dir  # noqa: F401  (fixtures)
 from train_helpers import ROOT, SYNTHETIC_CONFIG, losses, model_params, run_train, tiny_overrides
 
 
