@@ -377,8 +377,10 @@ class PCPlus:
                 "crop_u": crop_u, "support_crop_u": support_crop_u}
 
     # ---- pixels ---------------------------------------------------------------------------------
-    def _window(self, task: int, u: np.ndarray):
-        """The `find_crop` square window of a task: (image view, mask view), side min(H, W)."""
+    def window(self, task: int, u: np.ndarray):
+        """The `find_crop` square window of a task for the crop draws `u` (a plan's `crop_u` or `support_crop_u`
+        row): (image view, mask view) of the source image, side min(H, W). Queries and supports are this window
+        resized to `image_size`."""
         image, mask = self.source.read(task)
         h, w = mask.shape
         side, length = min(h, w), max(h, w)
@@ -388,7 +390,7 @@ class PCPlus:
 
     def _query(self, task: int, u: np.ndarray, out_image: np.ndarray, out_mask: np.ndarray) -> None:
         s = self.image_size
-        win, mwin = self._window(task, u)
+        win, mwin = self.window(task, u)
         if win.shape[0] == s:  # cache at the output size: a copy
             out_image[...] = win
             out_mask[...] = mwin
@@ -399,7 +401,7 @@ class PCPlus:
     def _support(self, task: int, u: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> bool:
         """Render the support visual prompt of `task` into `out`; False if its object left the crop."""
         s = self.image_size
-        win, mwin = self._window(task, u)
+        win, mwin = self.window(task, u)
         side = win.shape[0]
         mask = np.ascontiguousarray(mwin) if side == s else torch_nearest(mwin, (s, s))
         if not mask.any():  # an object can vanish in the crop/resize: then no support

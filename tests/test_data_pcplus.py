@@ -173,8 +173,9 @@ def _textured(rng, h, w):
 
 @pytest.mark.parametrize("mode", VISUAL_PROMPT_MODES)
 def test_support_rendering_matches_reference(mode):
-    """The pipeline's support path (crop search, resize of only the pixels the renderer reads,
-    uint8 render) == render_visual_prompt of the fully resized window, within 1 level."""
+    """The batches' supports (crop search, resize of only the pixels the renderer reads, uint8 render) ==
+    render_visual_prompt of the fully resized crop window that the batch's plan names, within 1 level; every task
+    serves as a valid support at least once."""
     rng = np.random.default_rng(0)
     items = []
     for h, w, box in [(130, 170, (30, 70, 40, 95)), (150, 110, (0, 20, 0, 60)), (120, 120, (100, 120, 90, 120)),
@@ -182,16 +183,19 @@ def test_support_rendering_matches_reference(mode):
         m = np.zeros((h, w), np.uint8)
         m[box[0]:box[1], box[2]:box[3]] = 1
         items.append((_textured(rng, h, w), m, "thing"))
-    src = _ArraySource(items)
-    pipe = PCPlus(src, batch_size=1, visual_prompt_mode=mode, image_size=96, process_index=0, process_count=1)
-    out, scratch = np.zeros((96, 96, 3), np.uint8), np.zeros((96, 96, 3), np.uint8)
-    for t in range(len(items)):
-        u = np.linspace(0.05, 0.95, pipe.crop_iterations)
-        assert pipe._support(t, u, out, scratch)
-        win, mwin = pipe._window(t, u)
-        img = np.clip(np.rint(torch_bilinear_align_corners(win, (96, 96))), 0, 255).astype(np.uint8)
-        ref = render_visual_prompt(img, torch_nearest(mwin, (96, 96)), mode, size=96)
-        assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1, (mode, t)
+    pipe = PCPlus(_ArraySource(items), batch_size=len(items), negative_prob=0.0, visual_prompt_mode=mode,
+                  image_size=96, process_index=0, process_count=1)
+    seen = set()
+    for step in range(20):
+        plan, batch = pipe.plan(step), pipe.batch(step)
+        for i in np.flatnonzero(batch["support_valid"]):
+            t = int(plan["support_task"][i])
+            win, mwin = pipe.window(t, plan["support_crop_u"][i])
+            img = np.clip(np.rint(torch_bilinear_align_corners(win, (96, 96))), 0, 255).astype(np.uint8)
+            ref = render_visual_prompt(img, torch_nearest(mwin, (96, 96)), mode, size=96)
+            assert np.abs(batch["support_image"][i].astype(int) - ref.astype(int)).max() <= 1, (mode, step, t)
+            seen.add(t)
+    assert seen == set(range(len(items))), seen
 
 
 def test_masks_follow_torch_nearest_where_the_old_rule_did_not():
