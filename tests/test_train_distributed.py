@@ -65,7 +65,7 @@ def _two_processes(wd: Path, overrides: list[str]) -> list[subprocess.CompletedP
 
 
 @pytest.mark.slow
-def test_two_processes_train_agree_and_resume(baseline, shapes_dir, tmp_path):
+def test_two_processes_train_agree_and_resume(shapes_dir, tmp_path):
     """Two local processes (jax.distributed on 127.0.0.1, gloo collectives), 2 fake devices each: each feeds its
     own PC+ shard; both end with the same parameters; the joint checkpoint resumes to the unbroken run's losses."""
     over = tiny_overrides(shapes_dir, total_steps=6, checkpoint_every=2)
