@@ -4,6 +4,8 @@ On the held-out synthetic split, at the validation protocol of the trainer (imag
 size, the raw phrase as the condition, threshold 0.3) it prints
 - the pooled fgiou (what `eval_metrics.json` reports) and its error split into false-positive pixels near the target
   (within 3 px: boundaries) and far from it (other objects), and false negatives;
+- how many of the far false positives lie on pixels of the phrase's colour (its first colour word; every channel
+  within 40 levels of the generator's colour), beside how common such pixels are far from the target at all;
 - the same by phrase kind (plain "red circle", with a size word, with a relation);
 - how the model's text and visual-prompt embeddings separate colours and shapes (mean cosine of pairs of plain
   phrases that share the colour and differ in shape, and the other way round).
@@ -70,6 +72,7 @@ def main() -> None:
         return jax.nn.sigmoid(model(normalize(image), input_ids=ids, attention_mask=mask).logits)
 
     counts = {}  # kind -> [tasks, tp, fp_near, fp_far, fn]
+    colour_px = [0, 0, 0]  # far false positives of the phrase's colour, far pixels of that colour, far pixels
     supports, support_keys = [], []
     for b in eval_dataset(source, args.batch_size, size).as_numpy_iterator():
         phrases = [p.decode() for p in b["phrase"]]
@@ -89,6 +92,12 @@ def main() -> None:
             c[2] += int((p[k] & ~g & near).sum())
             c[3] += int((p[k] & ~near).sum())
             c[4] += int((g & ~p[k]).sum())
+            colour = next((w for w in words if w in COLORS), None)
+            if colour is not None:
+                same = np.abs(b["image"][k].astype(np.int32) - np.asarray(COLORS[colour])).max(-1) <= 40
+                colour_px[0] += int((p[k] & ~near & same).sum())
+                colour_px[1] += int((~near & same).sum())
+                colour_px[2] += int((~near).sum())
             if kind == "plain" and g.any():
                 supports.append(render_visual_prompt(b["image"][k], g, size=size))
                 support_keys.append(tuple(words))
@@ -103,6 +112,9 @@ def main() -> None:
     print(line("all", total))
     tp, fpn, fpf, fn = total[1:]
     print(f"{'':10s} without the far false positives: {tp / (tp + fpn + fn):.4f}")
+    print(f"{'':10s} far false positives on pixels of the phrase's colour: {colour_px[0]} of {fpf} "
+          f"({colour_px[0] / max(fpf, 1):.1%}); such pixels among all far from the target: "
+          f"{colour_px[1] / max(colour_px[2], 1):.1%}")
     for kind in ("plain", "size word", "relation"):
         if kind in counts:
             print(line(kind, counts[kind]))
