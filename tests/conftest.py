@@ -1,7 +1,5 @@
 """Shared test setup: offline hub, CPU, float32 matmuls at full precision; fixtures used by several modules."""
-import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -69,44 +67,24 @@ def voc_root(tmp_path_factory):
     return write_voc(tmp_path_factory.mktemp("voc"))
 
 
-# The data fixtures' session-scoped fixtures, defined once here: imported into several test modules, each module
-# would build its own copy.
+# Session fixtures used by several modules are defined here, once: a fixture imported into several test modules is
+# a separate session fixture in each, built once per module.
 from data_fixtures import data_dir, manual_dir  # noqa: E402, F401
-
-
-def _session_shared_dir(tmp_path_factory) -> Path:
-    """A temporary directory of this test session that its xdist workers share (the session's base directory:
-    each worker's own base is a sub-directory of it); without xdist, the base directory itself."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
-    """Where the trainer tests' tiny synthetic dataset is written, by the first run that needs it
-    (`synthetic.prepare` serialises concurrent first uses); one per session, shared by the xdist workers."""
-    d = _session_shared_dir(tmp_path_factory) / "shapes"
-    d.mkdir(exist_ok=True)
-    return d
+    """Where the trainer tests' tiny synthetic dataset is written (by the first run that needs it)."""
+    return tmp_path_factory.mktemp("shapes")
 
 
 @pytest.fixture(scope="session")
 def baseline(shapes_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """An unbroken single-device `main.py train` run of the tiny config (6 steps, checkpoints at 3 and 6):
-    (its workdir, the finished process). Run once per session: the first xdist worker to ask runs it under a file
-    lock, the others wait and read its record. Tests only read the workdir."""
-    import fcntl
-
+    (its workdir, the finished process). Tests only read the workdir."""
     from train_helpers import run_train, tiny_overrides
 
-    shared = _session_shared_dir(tmp_path_factory)
-    wd, record = shared / "baseline", shared / "baseline.json"
-    with open(shared / "baseline.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not record.exists():
-            shutil.rmtree(wd, ignore_errors=True)  # a failed attempt of another worker: start over, do not resume
-            r = run_train(wd, tiny_overrides(shapes_dir))
-            assert r.returncode == 0, r.stderr[-3000:]
-            record.write_text(json.dumps({"args": r.args, "stdout": r.stdout, "stderr": r.stderr}))
-    rec = json.loads(record.read_text())
-    return wd, subprocess.CompletedProcess(rec["args"], 0, rec["stdout"], rec["stderr"])
+    wd = tmp_path_factory.mktemp("baseline")
+    r = run_train(wd, tiny_overrides(shapes_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return wd, r
