@@ -57,6 +57,25 @@ from data_pipelines.sources import Source
 __all__ = ["PCPlus", "PCPlusIterator", "eval_dataset"]
 
 AUTOTUNE = -1  # == tf.data.AUTOTUNE (TensorFlow is imported only where a tf.data.Dataset is built)
+
+
+def static_parallelism(num_parallel_calls: int | None) -> int:
+    """The map parallelism of our tf.data pipelines: `num_parallel_calls` if positive, else one per CPU core."""
+    if isinstance(num_parallel_calls, int) and num_parallel_calls > 0:
+        return num_parallel_calls
+    return os.cpu_count() or 1
+
+
+def static_options():
+    """tf.data options without autotuning. Deleting an iterator whose autotuning thread runs waits until that
+    thread's next optimisation round, and the rounds grow apart the longer the iterator lives: a 200-step training
+    run on 2 cores waited 0-38 s at its end, for the same samples/s (docs/benchmarks.md §3). So our pipelines set
+    their parallelism and prefetch depth themselves."""
+    import tensorflow as tf
+
+    opts = tf.data.Options()
+    opts.autotune.enabled = False
+    return opts
 # Recycling buffers by reference count needs the GIL: free-threaded builds have no reliable counts.
 _REFCOUNTS_RELIABLE = getattr(sys, "_is_gil_enabled", lambda: True)()
 
@@ -180,9 +199,10 @@ class PCPlus:
         original may pick the query as its own support (1/n of the time for a phrase with n tasks).
       min_crop_fg, crop_iterations: `find_crop` parameters (0.05 of the image area, 50 tries).
       process_index, process_count: host shard (defaults: jax.process_index()/process_count()).
-      num_parallel_calls: batches built in parallel by tf.data (AUTOTUNE by default).
+      num_parallel_calls: batches built in parallel by tf.data (default, or AUTOTUNE: one per CPU core;
+        tf.data's autotuning is off, see `static_options`).
       threads: size of a private tf.data thread pool (None: TF's global pool).
-      prefetch: batches to prefetch (AUTOTUNE when None).
+      prefetch: batches to prefetch (None: 2).
       support_render: "host" (default): `support_image` is the rendered visual prompt. "device":
         `support_image` is the raw support square and `support_mask` its mask; render them in
         the jitted step with `clipseg_jax.prompts_jax.render_visual_prompts_jax` (takes the
@@ -287,9 +307,13 @@ class PCPlus:
         self._perm_lock = threading.Lock()
         # Batches alive at once: parallel map + prefetch buffer + the consumer's (and one spare); two
         # arrays of each shape per batch (image / support_image, mask / support_mask).
-        parallel = num_parallel_calls if isinstance(num_parallel_calls, int) and num_parallel_calls > 0 else os.cpu_count()
-        alive = int(parallel or 1) + (prefetch if isinstance(prefetch, int) and prefetch > 0 else 2) + 2
+        alive = static_parallelism(num_parallel_calls) + self.prefetch_depth + 2
         self._pool = _ArrayPool(2 * alive)
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Batches tf.data prefetches: `prefetch`, or 2 when None (or AUTOTUNE)."""
+        return self.prefetch if isinstance(self.prefetch, int) and self.prefetch >= 0 else 2
 
     def __getstate__(self) -> dict:
         # What a worker process needs: no locks, caches or pooled arrays (rebuilt there).
@@ -491,9 +515,9 @@ class PCPlus:
             return dict(zip(keys, outs))
 
         ds = tf.data.Dataset.range(start, stop)
-        ds = ds.map(fn, num_parallel_calls=self.num_parallel_calls, deterministic=True)
-        ds = ds.prefetch(self.prefetch if self.prefetch is not None else tf.data.AUTOTUNE)
-        opts = tf.data.Options()
+        ds = ds.map(fn, num_parallel_calls=static_parallelism(self.num_parallel_calls), deterministic=True)
+        ds = ds.prefetch(self.prefetch_depth)
+        opts = static_options()
         opts.deterministic = True
         if self.threads:
             opts.threading.private_threadpool_size = self.threads
@@ -763,4 +787,5 @@ def eval_dataset(source: Source, batch_size: int = 32, image_size: int = 352,
         return {"image": image, "mask": mask, "phrase": phrase, "task_index": i}
 
     ds = tf.data.Dataset.range(process_index, len(source), process_count)
-    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size).prefetch(2)
+    ds = ds.map(fn, num_parallel_calls=static_parallelism(None), deterministic=True).batch(batch_size).prefetch(2)
+    return ds.with_options(static_options())
