@@ -76,6 +76,8 @@ def static_options():
     opts = tf.data.Options()
     opts.autotune.enabled = False
     return opts
+
+
 # Recycling buffers by reference count needs the GIL: free-threaded builds have no reliable counts.
 _REFCOUNTS_RELIABLE = getattr(sys, "_is_gil_enabled", lambda: True)()
 
