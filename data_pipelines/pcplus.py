@@ -56,11 +56,10 @@ from data_pipelines.sources import Source
 
 __all__ = ["PCPlus", "PCPlusIterator", "eval_dataset"]
 
-AUTOTUNE = -1  # == tf.data.AUTOTUNE (TensorFlow is imported only where a tf.data.Dataset is built)
-
 
 def static_parallelism(num_parallel_calls: int | None) -> int:
-    """The map parallelism of our tf.data pipelines: `num_parallel_calls` if positive, else one per CPU core."""
+    """The map parallelism of our tf.data pipelines: `num_parallel_calls` if positive, else (None, or
+    tf.data.AUTOTUNE) one per CPU core."""
     if isinstance(num_parallel_calls, int) and num_parallel_calls > 0:
         return num_parallel_calls
     return os.cpu_count() or 1
@@ -201,8 +200,8 @@ class PCPlus:
         original may pick the query as its own support (1/n of the time for a phrase with n tasks).
       min_crop_fg, crop_iterations: `find_crop` parameters (0.05 of the image area, 50 tries).
       process_index, process_count: host shard (defaults: jax.process_index()/process_count()).
-      num_parallel_calls: batches built in parallel by tf.data (default, or AUTOTUNE: one per CPU core;
-        tf.data's autotuning is off, see `static_options`).
+      num_parallel_calls: batches built in parallel by tf.data (None: one per CPU core; tf.data's autotuning
+        is off, see `static_options`).
       threads: size of a private tf.data thread pool (None: TF's global pool).
       prefetch: batches to prefetch (None: 2).
       support_render: "host" (default): `support_image` is the rendered visual prompt. "device":
@@ -235,7 +234,7 @@ class PCPlus:
         crop_iterations: int = 50,
         process_index: int | None = None,
         process_count: int | None = None,
-        num_parallel_calls: int | None = AUTOTUNE,
+        num_parallel_calls: int | None = None,
         threads: int | None = None,
         prefetch: int | None = None,
         support_render: str = "host",
@@ -314,7 +313,7 @@ class PCPlus:
 
     @property
     def prefetch_depth(self) -> int:
-        """Batches tf.data prefetches: `prefetch`, or 2 when None (or AUTOTUNE)."""
+        """Batches tf.data prefetches: `prefetch`, or 2 when None (or negative, as tf.data.AUTOTUNE)."""
         return self.prefetch if isinstance(self.prefetch, int) and self.prefetch >= 0 else 2
 
     def __getstate__(self) -> dict:
