@@ -10,7 +10,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The CLI's persistent compilation cache: one per test session (not the user's), shared by the subprocesses.
 import tempfile  # noqa: E402
 
-os.environ.setdefault("CLIPSEG_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="clipseg-test-xla-"))
+if "CLIPSEG_JAX_COMPILATION_CACHE" not in os.environ:  # created once, by the process that starts the workers
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+
+    os.environ["CLIPSEG_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="clipseg-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["CLIPSEG_JAX_COMPILATION_CACHE"], ignore_errors=True)
 
 import jax  # noqa: E402
 
