@@ -19,16 +19,18 @@ def _torch_resize(x: np.ndarray, size, **kw) -> np.ndarray:
     return (r.permute(1, 2, 0) if x.ndim == 3 else r[0]).numpy()
 
 
-def _assert_like_torch_float32(ours, x: np.ndarray, size, what: str, **kw) -> None:
+def _assert_like_torch_float32(ours, x: np.ndarray, size, what: str, **kw) -> np.ndarray:
     """`ours` is as close to torch's float64 result as torch's own float32 result is (within one float32 ulp of the
     values' scale). Not a match to torch's float32 bits: those depend on torch's thread count (1 vs 2 threads differ
-    by up to 3 ulp for some sizes), so a fixed tolerance to them fails or passes with `OMP_NUM_THREADS`."""
+    by up to 3 ulp for some sizes), so a fixed tolerance to them fails or passes with `OMP_NUM_THREADS`.
+    Returns torch's float32 result."""
     ref64 = _torch_resize(x.astype(np.float64), size, **kw)
     ref32 = _torch_resize(x, size, **kw)
     err_torch = np.abs(ref32.astype(np.float64) - ref64).max()
     err_ours = np.abs(np.asarray(ours, np.float64) - ref64).max()
     ulp = float(np.spacing(np.float32(np.abs(ref64).max())))
     assert err_ours <= err_torch + ulp, f"{what}: max error to torch float64 {err_ours:.3g}, torch float32's {err_torch:.3g}"
+    return ref32
 
 
 def test_torch_nearest_index_every_size_to_352_and_back():
@@ -115,9 +117,8 @@ def test_torch_bilinear_and_its_matrix_sweep():
     rng = np.random.default_rng(5)
     for (h, w), (oh, ow) in zip(SIZE_PAIRS, SIZE_PAIRS[::-1]):
         x = (rng.random((h, w, 3)) * 255).astype(np.float32)
-        _assert_like_torch_float32(R.torch_bilinear(x, (oh, ow)), x, (oh, ow), f"{(h, w)} -> {(oh, ow)}",
-                                   mode="bilinear", align_corners=False)
-        ref = _torch_resize(x, (oh, ow), mode="bilinear", align_corners=False)
+        ref = _assert_like_torch_float32(R.torch_bilinear(x, (oh, ow)), x, (oh, ow), f"{(h, w)} -> {(oh, ow)}",
+                                         mode="bilinear", align_corners=False)
         mh, mw = R.torch_bilinear_matrix(h, oh), R.torch_bilinear_matrix(w, ow)
         via = np.einsum("oh,hwc,pw->opc", mh, x, mw, optimize=True)
         np.testing.assert_allclose(via, ref, rtol=0, atol=2e-3, err_msg=f"{(h, w)} -> {(oh, ow)} (matrix)")
