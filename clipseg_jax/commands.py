@@ -6,10 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def parse_visual_prompt(spec: str) -> tuple[str, str]:
@@ -67,11 +64,13 @@ def run_predict(
     if not todo:
         return pf.Summary(skipped=skipped)
 
+    import jax.numpy as jnp
+
     from clipseg_jax.compile_cache import enable_compilation_cache
     from clipseg_jax.predict import Predictor
 
     enable_compilation_cache()
-    pred = Predictor.from_pretrained(checkpoint, dtype=DTYPES[dtype])
+    pred = Predictor.from_pretrained(checkpoint, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
     conds = []
     if texts:
         conds.append(pred.encode_text(texts))
@@ -156,11 +155,14 @@ def run_train(config_path: str, overrides: Sequence[str], workdir: str) -> int:
     or stopped on a signal with a checkpoint saved, 1 when it failed (a non-finite loss)."""
     import logging
 
-    from clipseg_jax.train import TrainingError, load_config, train
+    from clipseg_jax.train.config import load_config
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The config is checked before jax, flax and TensorFlow load: a mistyped override fails in a fraction of a second.
     config = load_config(config_path, overrides)
     from clipseg_jax.compile_cache import enable_compilation_cache
+    from clipseg_jax.train.loop import TrainingError, train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     enable_compilation_cache()  # a resumed run does not compile its step again
     try:

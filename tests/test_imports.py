@@ -2,15 +2,18 @@
 nor jax; heavy names load on first use."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HEAVY = ("tensorflow", "jax", "flax", "tensorflow_datasets")
 
 
 def _loaded_after(code: str) -> set[str]:
     probe = f"{code}\nimport sys\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     return set(out.stdout.split())
 
 
@@ -20,6 +23,7 @@ def _loaded_after(code: str) -> set[str]:
     "import clipseg_jax, data_pipelines; clipseg_jax.CLIPSegConfig",
     "import data_pipelines.pcplus, data_pipelines.sources",  # what a PC+ worker unpickles
     "import clipseg_jax.resize, clipseg_jax.prompts",
+    "import clipseg_jax.commands, clipseg_jax.train; clipseg_jax.train.load_config",
 ])
 def test_light_imports(code):
     assert not _loaded_after(code) & set(HEAVY), code
@@ -33,3 +37,20 @@ def test_heavy_names_load_on_first_use():
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         clipseg_jax.Nope  # noqa: B018
     assert {"Predictor", "from_pretrained", "CLIPSeg"} <= set(dir(clipseg_jax))
+
+
+@pytest.mark.parametrize("override, message", [("--config.nope=1", "nope"), ("--config.total_steps=x", "total_steps")])
+def test_a_bad_train_override_fails_before_jax_loads(tmp_path, override, message):
+    """`main.py train` checks its config first: a mistyped override is one error line, with nothing heavy imported
+    and nothing written."""
+    code = (f"import contextlib, io, main\nerr = io.StringIO()\nwith contextlib.redirect_stderr(err):\n"
+            f"    rc = main.main(['train', '--config', 'configs/synthetic_shapes.py', '--workdir', {str(tmp_path / 'w')!r},"
+            f" {override!r}])\nassert rc == 2 and err.getvalue().startswith('error: ') and {message!r} in err.getvalue(),"
+            f" (rc, err.getvalue())")
+    assert not _loaded_after(code) & set(HEAVY)
+    assert not (tmp_path / "w").exists()
+    import clipseg_jax.train
+
+    assert {"train", "TrainingError", "load_config"} <= set(dir(clipseg_jax.train))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        clipseg_jax.train.Nope  # noqa: B018

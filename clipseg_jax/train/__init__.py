@@ -8,7 +8,28 @@
     loop.py        the loop: log, checkpoint, validate, faults, the trained model
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from clipseg_jax.train.config import ConfigError, load_config
-from clipseg_jax.train.loop import TrainingError, train
+
+# The loop (jax, flax, orbax, the model) loads on first use, so that configs are read and checked without it.
+_LAZY = {"TrainingError": "clipseg_jax.train.loop", "train": "clipseg_jax.train.loop"}
+
+if TYPE_CHECKING:
+    from clipseg_jax.train.loop import TrainingError, train
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'clipseg_jax.train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["ConfigError", "TrainingError", "load_config", "train"]
