@@ -43,10 +43,10 @@ def test_heavy_names_load_on_first_use():
 def test_a_bad_train_override_fails_before_jax_loads(tmp_path, override, message):
     """`main.py train` checks its config first: a mistyped override is one error line, with nothing heavy imported
     and nothing written."""
+    argv = ["train", "--config", "configs/synthetic_shapes.py", "--workdir", str(tmp_path / "w"), override]
     code = (f"import contextlib, io, main\nerr = io.StringIO()\nwith contextlib.redirect_stderr(err):\n"
-            f"    rc = main.main(['train', '--config', 'configs/synthetic_shapes.py', '--workdir', {str(tmp_path / 'w')!r},"
-            f" {override!r}])\nassert rc == 2 and err.getvalue().startswith('error: ') and {message!r} in err.getvalue(),"
-            f" (rc, err.getvalue())")
+            f"    rc = main.main({argv!r})\ne = err.getvalue()\n"
+            f"assert rc == 2 and e.startswith('error: ') and e.count('\\n') == 1 and {message!r} in e, (rc, e)")
     assert not _loaded_after(code) & set(HEAVY)
     assert not (tmp_path / "w").exists()
     import clipseg_jax.train
