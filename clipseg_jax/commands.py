@@ -64,13 +64,12 @@ def run_predict(
     if not todo:
         return pf.Summary(skipped=skipped)
 
-    import jax.numpy as jnp
-
     from clipseg_jax.compile_cache import enable_compilation_cache
+    from clipseg_jax.loading import DTYPES
     from clipseg_jax.predict import Predictor
 
     enable_compilation_cache()
-    pred = Predictor.from_pretrained(checkpoint, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    pred = Predictor.from_pretrained(checkpoint, dtype=DTYPES[dtype])
     conds = []
     if texts:
         conds.append(pred.encode_text(texts))

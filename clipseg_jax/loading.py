@@ -11,6 +11,9 @@ from clipseg_jax.config import CLIPSegConfig
 from clipseg_jax.model.clipseg import CLIPSeg
 from clipseg_jax.weights import hf, store
 
+#: The compute dtypes the loaders and commands accept, by name.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 PUBLISHED = ("CIDAS/clipseg-rd64-refined", "CIDAS/clipseg-rd64", "CIDAS/clipseg-rd16")
 _HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
                  *store.PROCESSOR_FILES]

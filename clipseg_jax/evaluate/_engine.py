@@ -88,10 +88,9 @@ class Engine:
         from clipseg_jax import loading
         from clipseg_jax.tokenizer import CLIPTokenizer
 
-        dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-        if dtype not in dtypes:
-            raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-        model = loading.from_pretrained(checkpoint, dtype=dtypes[dtype])
+        if dtype not in loading.DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(loading.DTYPES)}, got {dtype!r}")
+        model = loading.from_pretrained(checkpoint, dtype=loading.DTYPES[dtype])
         path = loading.resolve(checkpoint)
         has_tok = any((path / f).is_file() for f in ("tokenizer.json", "vocab.json"))
         tokenizer = CLIPTokenizer.from_pretrained(path if has_tok else None)

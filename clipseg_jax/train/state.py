@@ -24,14 +24,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipseg_jax.config import CLIPSegConfig
+from clipseg_jax.loading import DTYPES
 from clipseg_jax.model.clipseg import CLIPSeg
 
 #: The paper's split: the decoder's parameters train, CLIP stays frozen.
 DECODER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("decoder"))
 #: Leaves smaller than this stay replicated under fsdp (sharding them costs more collectives than it saves).
 FSDP_MIN_SIZE = 2**14
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(name: str, backend: str) -> Any:
