@@ -6,9 +6,9 @@
     probs = pred.predict(["cats.jpg"], ["a cat", "a remote"])              # (1, 2, H, W) in [0, 1]
 """
 
-import importlib
 from typing import TYPE_CHECKING
 
+from clipseg_jax._lazy import lazy_attributes
 from clipseg_jax.config import CLIPSegConfig, TextConfig, VisionConfig
 
 # Heavy names (jax, flax, the model) load on first use: `import clipseg_jax` stays cheap for the data
@@ -28,16 +28,7 @@ if TYPE_CHECKING:
     from clipseg_jax.tokenizer import CLIPTokenizer
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'clipseg_jax' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
 
 
 __all__ = [

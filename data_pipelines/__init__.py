@@ -5,6 +5,8 @@ Importing this package imports neither TensorFlow nor TFDS (worker processes imp
 `data_pipelines.Phrasecut` imports it on first use.
 """
 
+from clipseg_jax._lazy import lazy_attributes
+
 SOURCES = ("tfds", "cached", "own", "synthetic")
 
 
@@ -96,9 +98,4 @@ def make_pcplus(config, source=None, **overrides):
     return PCPlus(source, **kw)
 
 
-def __getattr__(name: str):
-    if name == "Phrasecut":
-        from data_pipelines.phrasecut import Phrasecut
-
-        return Phrasecut
-    raise AttributeError(f"module 'data_pipelines' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(globals(), {"Phrasecut": "data_pipelines.phrasecut"})

@@ -8,9 +8,9 @@
     loop.py        the loop: log, checkpoint, validate, faults, the trained model
 """
 
-import importlib
 from typing import TYPE_CHECKING
 
+from clipseg_jax._lazy import lazy_attributes
 from clipseg_jax.train.config import ConfigError, load_config
 
 # The loop (jax, flax, orbax, the model) loads on first use, so that configs are read and checked without it.
@@ -20,16 +20,6 @@ if TYPE_CHECKING:
     from clipseg_jax.train.loop import TrainingError, train
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'clipseg_jax.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
 
 __all__ = ["ConfigError", "TrainingError", "load_config", "train"]
