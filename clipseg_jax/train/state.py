@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipseg_jax.config import CLIPSegConfig
-from clipseg_jax.loading import DTYPES
+from clipseg_jax.loading import DTYPES, from_pretrained, resolve
 from clipseg_jax.model.clipseg import CLIPSeg
 
 #: The paper's split: the decoder's parameters train, CLIP stays frozen.
@@ -59,7 +59,6 @@ def build_model(config: ml_collections.ConfigDict, dtype, decoder_dtype) -> tupl
     (torch-default init from `config.seed`); else everything is random. The decoder's dropout rate is always the
     config's (`model.decoder_dropout`).
     """
-    from clipseg_jax.loading import from_pretrained, resolve
     from clipseg_jax.weights import store
     from clipseg_jax.weights.clip_backbone import clipseg_from_clip
 
