@@ -15,7 +15,8 @@
 
     XDG_CACHE_HOME=/tmp/shapes_cache python benchmarks/learning_ceiling.py oracles
     XDG_CACHE_HOME=/tmp/shapes_cache python benchmarks/learning_ceiling.py probe --model runs/shapes/model
-    XDG_CACHE_HOME=/tmp/shapes_cache python benchmarks/learning_ceiling.py supervised --steps 1500 --lr 1e-3
+    XDG_CACHE_HOME=/tmp/shapes_cache python benchmarks/learning_ceiling.py supervised --steps 1500 --lr 1e-3 \
+        [--vision hidden_size=128 intermediate_size=256]
 
 The synthetic set is the config's (prepared on first use, `data.data_dir` = `--data-dir`).
 """
@@ -188,6 +189,11 @@ def supervised(args) -> None:
 
     cfg, train, val = sources(args.data_dir)
     v = cfg.model.vision
+    for kv in args.vision:
+        key, value = kv.split("=", 1)
+        if key not in v:
+            raise SystemExit(f"error: --vision {kv}: model.vision has no field {key!r} (fields: {', '.join(v)})")
+        v[key] = type(v[key])(value)
     tr_i, tr_s, _ = patch_labels(train, v.image_size, v.patch_size, 0.5, 1.01)
     va_i, va_s, _ = patch_labels(val, v.image_size, v.patch_size, 0.5, 1.01)
     model, _, _ = build_model(cfg, jnp.float32, jnp.float32)
@@ -251,6 +257,8 @@ def main() -> None:
     s.add_argument("--steps", type=int, default=1500)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--every", type=int, default=250)
+    s.add_argument("--vision", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="change the config's ViT, e.g. hidden_size=128 intermediate_size=256")
     args = ap.parse_args()
     {"oracles": oracles, "probe": probe, "supervised": supervised}[args.what](args)
 
