@@ -113,7 +113,9 @@ def patch_labels(source, size: int, patch: int, lo: float, hi: float, limit: int
         on = (cover >= lo) & (cover < hi)
         s = np.where(on, SHAPES.index(words[-1]), -1).astype(np.int32)
         c = np.where(on, list(COLORS).index(words[-2]), -1).astype(np.int32)
-        images.append(image), shapes.append(s), colours.append(c)
+        images.append(image)
+        shapes.append(s)
+        colours.append(c)
         if limit and len(images) >= limit:
             break
     return np.stack(images), np.stack(shapes), np.stack(colours)
