@@ -33,16 +33,25 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from learning_diagnostics import colour_pixels  # noqa: E402  (this script's folder is on sys.path)
+
 SIZE_SPLIT = 0.035  # image fraction between the generator's small (r ≤ 0.12 min side) and large (r ≥ 0.16) shapes
 
 
-def sources(data_dir: str):
+def config(data_dir: str):
+    """`configs/synthetic_shapes.py` on the synthetic set under `data_dir` ('' = the config's location)."""
     from configs import synthetic_shapes
-    from data_pipelines import train_and_eval_sources
 
     cfg = synthetic_shapes.get_config()
     cfg.data.data_dir = data_dir
-    return cfg, *train_and_eval_sources(cfg.data, cfg.eval_data)
+    return cfg
+
+
+def sources(cfg):
+    """(training source, validation source) of the config (the set is written and prepared on first use)."""
+    from data_pipelines import train_and_eval_sources
+
+    return train_and_eval_sources(cfg.data, cfg.eval_data)
 
 
 def views(source, size: int):
@@ -57,10 +66,7 @@ def views(source, size: int):
 def colour_components(image: np.ndarray, colour: str) -> list[np.ndarray]:
     from scipy import ndimage
 
-    from data_pipelines.synthetic import COLORS
-
-    on = np.abs(image.astype(np.int32) - np.asarray(COLORS[colour])).max(-1) <= 40
-    lab, n = ndimage.label(on)
+    lab, n = ndimage.label(colour_pixels(image, colour))
     return [c for c in (lab == i for i in range(1, n + 1)) if c.sum() >= 4]
 
 
@@ -87,7 +93,7 @@ def shape_blind_masks(image: np.ndarray, phrase: str) -> tuple[np.ndarray, np.nd
 
 
 def oracles(args) -> None:
-    _, _, val = sources(args.data_dir)
+    _, val = sources(config(args.data_dir))
     counts = np.zeros((2, 3))
     n = 0
     for image, mask, phrase in views(val, 128):
@@ -98,27 +104,29 @@ def oracles(args) -> None:
         print(f"{name:22s} rule, {n} validation tasks: pooled fgiou {tp / (tp + fp + fn):.4f}")
 
 
-def patch_labels(source, size: int, patch: int, lo: float, hi: float, limit: int | None = None):
-    """Images and their per-patch (shape, colour) labels (-1 = unlabelled) from plain and size-word tasks: a patch
-    is labelled when the task's mask covers a fraction in [lo, hi) of it."""
+def patch_coverage(source, size: int, patch: int, limit: int | None = None):
+    """(images (N, S, S, 3), the fraction of each patch the task's mask covers (N, patches), shape index (N,),
+    colour index (N,)) of the plain and size-word tasks (relations name two objects)."""
     from data_pipelines.synthetic import COLORS, SHAPES
 
     g = size // patch
-    images, shapes, colours = [], [], []
+    images, covers, shapes, colours = [], [], [], []
     for image, mask, phrase in views(source, size):
         if " of " in phrase:
             continue
         words = phrase.split()
-        cover = mask.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)
-        on = (cover >= lo) & (cover < hi)
-        s = np.where(on, SHAPES.index(words[-1]), -1).astype(np.int32)
-        c = np.where(on, list(COLORS).index(words[-2]), -1).astype(np.int32)
         images.append(image)
-        shapes.append(s)
-        colours.append(c)
+        covers.append(mask.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1))
+        shapes.append(SHAPES.index(words[-1]))
+        colours.append(list(COLORS).index(words[-2]))
         if limit and len(images) >= limit:
             break
-    return np.stack(images), np.stack(shapes), np.stack(colours)
+    return np.stack(images), np.stack(covers), np.array(shapes, np.int32), np.array(colours, np.int32)
+
+
+def labels_in(cover: np.ndarray, label: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Per-patch labels (N, patches): the task's label where its mask covers a fraction in [lo, hi), else -1."""
+    return np.where((cover >= lo) & (cover < hi), label[:, None], -1).astype(np.int32)
 
 
 def linear_probe(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, steps: int = 600) -> float:
@@ -152,7 +160,7 @@ def probe(args) -> None:
     import clipseg_jax
     from clipseg_jax.predict import normalize
 
-    _, train, val = sources(args.data_dir)
+    train, val = sources(config(args.data_dir))
     model = clipseg_jax.from_pretrained(args.model)
     v = model.config.vision_config
     blocks = tuple(range(v.num_hidden_layers))
@@ -162,22 +170,23 @@ def probe(args) -> None:
         out, _ = model.clip.vision_model(normalize(images), extract_layers=blocks)
         return jnp.stack(out)[:, :, 1:]  # (blocks, B, patches, D)
 
-    def features(images, labels):
-        f = np.concatenate([np.asarray(tokens(jnp.asarray(images[i:i + 64]))) for i in range(0, len(images), 64)], 1)
-        on = labels[0] >= 0
-        return f[:, on], [lab[on] for lab in labels]
+    def features(images):
+        return np.concatenate([np.asarray(tokens(jnp.asarray(images[i:i + 64]))) for i in range(0, len(images), 64)],
+                              1)
 
+    tr_i, tr_c, tr_s, tr_k = patch_coverage(train, v.image_size, v.patch_size, limit=args.train_tasks)
+    va_i, va_c, va_s, va_k = patch_coverage(val, v.image_size, v.patch_size)
+    ftr, fva = features(tr_i), features(va_i)
     print(f"{args.model}: linear probes on patch tokens, {v.image_size} px, patch {v.patch_size}")
     for part, lo, hi in (("inside (>= 60 % covered)", 0.6, 1.01), ("edge (15-60 % covered)", 0.15, 0.6)):
-        tr_i, *tr_l = patch_labels(train, v.image_size, v.patch_size, lo, hi, limit=args.train_tasks)
-        va_i, *va_l = patch_labels(val, v.image_size, v.patch_size, lo, hi)
-        ftr, (str_, ctr) = features(tr_i, tr_l)
-        fva, (sva, cva) = features(va_i, va_l)
+        on_tr, on_va = labels_in(tr_c, tr_s, lo, hi) >= 0, labels_in(va_c, va_s, lo, hi) >= 0
+        str_, ctr = labels_in(tr_c, tr_s, lo, hi)[on_tr], labels_in(tr_c, tr_k, lo, hi)[on_tr]
+        sva, cva = labels_in(va_c, va_s, lo, hi)[on_va], labels_in(va_c, va_k, lo, hi)[on_va]
         prior = np.bincount(sva).max() / len(sva)
         print(f"{part}: {len(str_)} training / {len(sva)} validation patches; majority shape {prior:.3f}")
         for b in blocks:
-            print(f"  after block {b}: shape {linear_probe(ftr[b], str_, fva[b], sva):.3f}, "
-                  f"colour {linear_probe(ftr[b], ctr, fva[b], cva):.3f}")
+            print(f"  after block {b}: shape {linear_probe(ftr[b][on_tr], str_, fva[b][on_va], sva):.3f}, "
+                  f"colour {linear_probe(ftr[b][on_tr], ctr, fva[b][on_va], cva):.3f}")
 
 
 def supervised(args) -> None:
@@ -189,15 +198,17 @@ def supervised(args) -> None:
     from clipseg_jax.predict import normalize
     from clipseg_jax.train.state import build_model
 
-    cfg, train, val = sources(args.data_dir)
+    cfg = config(args.data_dir)
     v = cfg.model.vision
     for kv in args.vision:
         key, value = kv.split("=", 1)
         if key not in v:
             raise SystemExit(f"error: --vision {kv}: model.vision has no field {key!r} (fields: {', '.join(v)})")
         v[key] = type(v[key])(value)
-    tr_i, tr_s, _ = patch_labels(train, v.image_size, v.patch_size, 0.5, 1.01)
-    va_i, va_s, _ = patch_labels(val, v.image_size, v.patch_size, 0.5, 1.01)
+    train, val = sources(cfg)
+    tr_i, tr_c, tr_k, _ = patch_coverage(train, v.image_size, v.patch_size)
+    va_i, va_c, va_k, _ = patch_coverage(val, v.image_size, v.patch_size)
+    tr_s, va_s = labels_in(tr_c, tr_k, 0.5, 1.01), labels_in(va_c, va_k, 0.5, 1.01)
     model, _, _ = build_model(cfg, jnp.float32, jnp.float32)
 
     class ShapeHead(nnx.Module):

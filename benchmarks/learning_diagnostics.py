@@ -26,6 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def colour_pixels(image, colour: str):
+    """Pixels of `image` (H, W, 3 uint8) within 40 levels per channel of the generator's `colour`."""
+    import numpy as np
+
+    from data_pipelines.synthetic import COLORS
+
+    return np.abs(image.astype(np.int32) - np.asarray(COLORS[colour])).max(-1) <= 40
+
+
 def mean_cosine(emb, keys, same_colour: bool, same_shape: bool) -> tuple[float, int]:
     """Mean cosine over pairs of (colour, shape) keys with the given equalities (pairs of identical keys excluded
     unless both equalities are asked for)."""
@@ -94,7 +103,7 @@ def main() -> None:
             c[4] += int((g & ~p[k]).sum())
             colour = next((w for w in words if w in COLORS), None)
             if colour is not None:
-                same = np.abs(b["image"][k].astype(np.int32) - np.asarray(COLORS[colour])).max(-1) <= 40
+                same = colour_pixels(b["image"][k], colour)
                 colour_px[0] += int((p[k] & ~near & same).sum())
                 colour_px[1] += int((~near & same).sum())
                 colour_px[2] += int((~near).sum())
