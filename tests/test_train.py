@@ -71,6 +71,8 @@ def test_overrides_are_typed_and_checked():
                        (["--config.dtype=fp8"], "config.dtype"),
                        (["--config.total_steps=0"], "total_steps"),
                        (["--config.data.source=web"], "data.source"),
+                       (["--config.model.vision.patch_size=8", "--config.data.image_size=64"],
+                        "use_complex_transposed_convolution=True needs model.vision.patch_size=16"),
                        (["total_steps=3"], "expected --config.KEY=VALUE")):
         with pytest.raises(ConfigError, match=match):
             load_config(SYNTHETIC_CONFIG, bad)

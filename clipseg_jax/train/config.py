@@ -103,6 +103,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
               f"config.{block}.support_render={d.support_render!r}: expected 'host' or 'device'")
     _need(c.data.image_size % c.model.vision.patch_size == 0 or bool(c.init_clip or c.init),
           f"config.data.image_size={c.data.image_size} is not a multiple of model.vision.patch_size")
+    # HF's refined head: two transposed convolutions of kernel = stride = patch_size // 4, so it restores the
+    # input size only for patch 16 (a patch-8 model would give half-size logits and fail inside the step).
+    p = c.model.vision.patch_size
+    _need(not c.model.use_complex_transposed_convolution or (p // 4) ** 2 == p or bool(c.init_clip or c.init),
+          f"config.model.use_complex_transposed_convolution=True needs model.vision.patch_size=16 (its two "
+          f"transposed convolutions upsample by (patch_size // 4)² = {(p // 4) ** 2}, not {p}); set it to false "
+          f"for the plain head")
     m = c.mix
     _need(0.0 <= m.text_weight_min <= m.text_weight_max <= 1.0,
           f"config.mix: expected 0 <= text_weight_min <= text_weight_max <= 1, got {m.text_weight_min}, "
