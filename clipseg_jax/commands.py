@@ -26,7 +26,7 @@ def run_predict(
     written as they finish, atomically; images whose outputs all exist are skipped unless `overwrite`).
     Returns the `predict_files.Summary`."""
     from clipseg_jax import predict_files as pf
-    from clipseg_jax.predict import load_image, load_mask
+    from clipseg_jax.images import load_image, load_mask
     from clipseg_jax.prompts import VISUAL_PROMPT_MODES
 
     if not images:
@@ -123,8 +123,8 @@ def run_convert(
 def run_compare(checkpoint: str, images: Sequence[str] = (), prompts: Sequence[str] = (), size: int = 352) -> bool:
     """Print max |Δ| of logits and conditional embeddings, ours vs transformers, for the three condition paths."""
     from clipseg_jax import compare as cmp
+    from clipseg_jax.images import load_image
     from clipseg_jax.loading import from_pretrained, resolve
-    from clipseg_jax.predict import load_image
     from clipseg_jax.tokenizer import CLIPTokenizer
     from clipseg_jax.weights import store
 

@@ -309,7 +309,7 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
     (`Summary.interrupted`); nothing partial is left."""
     from tqdm import tqdm
 
-    from clipseg_jax.predict import load_image
+    from clipseg_jax.images import load_image
     from clipseg_jax.resize import pil_bilinear
 
     threads = threads or min(8, os.cpu_count() or 1)

@@ -54,3 +54,27 @@ def test_a_bad_train_override_fails_before_jax_loads(tmp_path, override, message
     assert {"train", "TrainingError", "load_config"} <= set(dir(clipseg_jax.train))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         clipseg_jax.train.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "2"], "--threshold 2.0: expected a probability"),
+    (["--image", "{d}/nothing.jpg"], "nothing.jpg: no such image file"),
+    (["--visual-prompt", "{d}/x.png:{d}/small.png"], "does not match its image"),
+])
+def test_bad_predict_input_fails_before_jax_loads(tmp_path, args, message):
+    """`main.py predict` reads and checks its inputs with PIL and numpy only: a typo fails at once, before jax,
+    the model or the output folder."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(np.full((5, 8), 255, np.uint8)).save(tmp_path / "small.png")
+    args = [a.format(d=tmp_path) for a in args]
+    base = [] if "--image" in args else ["--image", str(tmp_path / "x.png")]
+    argv = ["predict", "--checkpoint", "CIDAS/no-such-model", *base, "--prompt", "a", *args, "--out",
+            str(tmp_path / "o")]
+    code = (f"import contextlib, io, main\nerr = io.StringIO()\nwith contextlib.redirect_stderr(err):\n"
+            f"    rc = main.main({argv!r})\ne = err.getvalue()\n"
+            f"assert rc == 2 and e.startswith('error: ') and e.count('\\n') == 1 and {message!r} in e, (rc, e)")
+    assert not _loaded_after(code) & set(HEAVY)
+    assert not (tmp_path / "o").exists()
