@@ -32,7 +32,6 @@ PROMPT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
-
 def normalize(pixels: jax.Array, dtype=jnp.float32) -> jax.Array:
     """uint8 (..., 3) -> ImageNet-normalised float, on device (what the HF processor does after its resize)."""
     x = pixels.astype(jnp.float32) * (1.0 / 255.0)
