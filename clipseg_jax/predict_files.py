@@ -38,14 +38,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 PROMPTS_FILE = "prompts.json"
 
 
-class Interrupted(Exception):
-    """SIGINT / SIGTERM arrived; finished files are kept, nothing partial is left."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 # -- inputs ----------------------------------------------------------------------------------------------------
 
 
@@ -272,19 +264,26 @@ def write_prompts_file(out: Path, mapping: dict[str, object]) -> None:
 # -- the stream ------------------------------------------------------------------------------------------------
 
 
-class interrupt_on_signals:
-    """SIGINT / SIGTERM -> `Interrupted` in the main thread, previous handlers restored on exit."""
+class stop_on_signals:
+    """SIGINT / SIGTERM set `received` (the signal number) for the stream to stop at its next batch; a second one
+    gets the previous handler (Ctrl-C twice interrupts at once). Previous handlers are restored on exit.
+
+    The handler records and never raises: an exception raised from a signal handler can land between a lock's
+    acquisition and the `with` block that releases it (tqdm's lock, a Future's condition), and the writer threads
+    then wait for that lock forever (`main.py predict` hung after a SIGTERM once in the suite)."""
 
     def __enter__(self):
+        self.received: int | None = None
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._raise)
+                self._old[s] = signal.signal(s, self._record)
         return self
 
-    @staticmethod
-    def _raise(signum, frame):
-        raise Interrupted(signum)
+    def _record(self, signum, frame):
+        self.received = signum
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -305,8 +304,8 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
                no_overlay: bool = False, save_probs: str | None = None, progress: bool = True,
                threads: int | None = None) -> Summary:
     """Decode (ahead, in threads), predict in batches, write as batches finish. An image that fails to decode is
-    reported in `Summary.failed` and the others go on. SIGINT / SIGTERM end the run after the files being written
-    (`Summary.interrupted`); nothing partial is left."""
+    reported in `Summary.failed` and the others go on. SIGINT / SIGTERM stop the run before its next batch
+    (`Summary.interrupted`): the files being written are finished, queued ones dropped, nothing partial is left."""
     from tqdm import tqdm
 
     from clipseg_jax.images import load_image
@@ -334,13 +333,17 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
                 summary.files += f.result()
         bar.update(1)
 
-    with interrupt_on_signals():
+    with stop_on_signals() as signals:
         decoder = ThreadPoolExecutor(threads, thread_name_prefix="clipseg-decode")
         writer = ThreadPoolExecutor(threads, thread_name_prefix="clipseg-write")
         writing: list[list[Future]] = []
+        stopped = False  # by a signal, before every batch was written
         try:
             ahead = [decoder.submit(decode, j) for j in batches[0]] if batches else []
             for b in range(len(batches)):
+                if signals.received is not None:
+                    stopped = True
+                    break
                 decoded = [f.result() for f in ahead]
                 # the next batch decodes while this one runs on the device
                 ahead = [decoder.submit(decode, j) for j in batches[b + 1]] if b + 1 < len(batches) else []
@@ -358,19 +361,19 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
                     writing.append(futures)
                     del decoded, ok, pixels, probs, futures
                 # at most two batches of outputs wait for the writers: memory stays bounded by the batch size
-                while len(writing) > 2:
+                while len(writing) > 2 and signals.received is None:
                     for f in writing.pop(0):
                         f.result()
-            for futures in writing:
-                for f in futures:
-                    f.result()
-        except Interrupted as e:
-            summary.interrupted = e.signum
+            if not stopped:  # every batch predicted: its outputs are written, even if a signal comes now
+                for futures in writing:
+                    for f in futures:
+                        f.result()
         finally:
             decoder.shutdown(wait=True, cancel_futures=True)
             # files being written are finished (they are complete once renamed); queued ones are dropped
             writer.shutdown(wait=True, cancel_futures=True)
             bar.close()
+        summary.interrupted = signals.received if stopped else None
     return summary
 
 

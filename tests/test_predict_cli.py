@@ -242,6 +242,61 @@ def test_interrupted_runs_resume_without_redoing_finished_images(tiny_hf_dir, tm
     _all_complete(out)
 
 
+class _SignalDuringBatch:
+    """Stands in for the Predictor in `run_stream`: zero probabilities; while batch `at` is predicted it sends this
+    process `signum`, `times` times."""
+
+    image_size = 8
+
+    def __init__(self, at: int, signum: int, times: int = 1):
+        self.at, self.signum, self.times, self.calls = at, signum, times, 0
+
+    def predict_resized(self, pixels, sizes, cond):
+        self.calls += 1
+        if self.calls == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+        return [np.zeros((len(cond), h, w), np.float32) for h, w in sizes]
+
+
+def _stream(tmp_path, predictor):
+    images = [save(tmp_path / "in" / f"{i}.png", hw=(6, 8), seed=i) for i in range(6)]
+    out = pf.prepare_out_dir(tmp_path / "out")
+    jobs = pf.plan(images, ["a"], out)
+    return pf.run_stream(predictor, jobs, np.zeros((1, 4), np.float32), 0.5, batch_size=2, progress=False), out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_stream_at_the_next_batch(tmp_path, signum):
+    """The handler only records: the batch being predicted is handed to the writers, no later batch is predicted,
+    nothing partial is left, and the previous handler is back afterwards. A signal that interrupts a lock inside
+    the stream (tqdm's, a Future's) could otherwise leave the writer threads waiting forever."""
+    previous = signal.getsignal(signum)
+    fake = _SignalDuringBatch(at=2, signum=signum)
+    s, out = _stream(tmp_path, fake)
+    assert s.interrupted == signum and fake.calls == 2 and signal.getsignal(signum) is previous
+    _all_complete(out)
+    written = sorted(f.name for f in out.glob("*.png"))
+    assert written == sorted(f"{i}__a_{k}.png" for i in range(len(written) // 2) for k in ("mask", "overlay"))
+    assert s.done == len(written) // 2 <= 4  # images 4 and 5 (batch 3) are never predicted
+
+
+def test_a_signal_during_the_last_batch_still_completes_the_run(tmp_path):
+    s, out = _stream(tmp_path, _SignalDuringBatch(at=3, signum=signal.SIGTERM))
+    assert s.interrupted is None and s.done == 6 and len(list(out.glob("*.png"))) == 12
+
+
+def test_a_second_signal_reaches_the_previous_handler(tmp_path):
+    """Ctrl-C twice interrupts at once: after the first signal the previous handler is reinstalled."""
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        s, _ = _stream(tmp_path, _SignalDuringBatch(at=1, signum=signal.SIGTERM, times=2))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert s.interrupted == signal.SIGTERM and seen == [signal.SIGTERM]
+
+
 def test_compile_cache_dir_filled_and_off_switch(tiny_hf_dir, tree, tmp_path):
     cache = tmp_path / "xla"
     r = run("predict", "--checkpoint", tiny_hf_dir, "--image", tree / "img" / "cat.jpg", "--prompt", "x",
