@@ -223,7 +223,12 @@ def test_interrupted_runs_resume_without_redoing_finished_images(tiny_hf_dir, tm
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for_outputs(out, proc, 2 * (done_before + 2))
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # not left behind, hung, after the suite
+            _, err = proc.communicate()
+            pytest.fail(f"still running 120 s after {sig.name}: {err[-2000:]}")
         if sig == signal.SIGTERM:
             assert proc.returncode == 128 + signal.SIGTERM, err
             assert "rerun the same command" in err
