@@ -17,6 +17,15 @@ def _loaded_after(code: str) -> set[str]:
     return set(out.stdout.split())
 
 
+def _heavy_loaded_by_failing_main(argv: list[str], message: str) -> set[str]:
+    """Heavy packages loaded by `main.main(argv)` in a fresh process, which must exit 2 with one `error:` line
+    holding `message`."""
+    code = (f"import contextlib, io, main\nerr = io.StringIO()\nwith contextlib.redirect_stderr(err):\n"
+            f"    rc = main.main({argv!r})\ne = err.getvalue()\n"
+            f"assert rc == 2 and e.startswith('error: ') and e.count('\\n') == 1 and {message!r} in e, (rc, e)")
+    return _loaded_after(code) & set(HEAVY)
+
+
 @pytest.mark.parametrize("code", [
     "import data_pipelines",
     "import clipseg_jax",
@@ -44,10 +53,7 @@ def test_a_bad_train_override_fails_before_jax_loads(tmp_path, override, message
     """`main.py train` checks its config first: a mistyped override is one error line, with nothing heavy imported
     and nothing written."""
     argv = ["train", "--config", "configs/synthetic_shapes.py", "--workdir", str(tmp_path / "w"), override]
-    code = (f"import contextlib, io, main\nerr = io.StringIO()\nwith contextlib.redirect_stderr(err):\n"
-            f"    rc = main.main({argv!r})\ne = err.getvalue()\n"
-            f"assert rc == 2 and e.startswith('error: ') and e.count('\\n') == 1 and {message!r} in e, (rc, e)")
-    assert not _loaded_after(code) & set(HEAVY)
+    assert not _heavy_loaded_by_failing_main(argv, message)
     assert not (tmp_path / "w").exists()
     import clipseg_jax.train
 
@@ -73,8 +79,5 @@ def test_bad_predict_input_fails_before_jax_loads(tmp_path, args, message):
     base = [] if "--image" in args else ["--image", str(tmp_path / "x.png")]
     argv = ["predict", "--checkpoint", "CIDAS/no-such-model", *base, "--prompt", "a", *args, "--out",
             str(tmp_path / "o")]
-    code = (f"import contextlib, io, main\nerr = io.StringIO()\nwith contextlib.redirect_stderr(err):\n"
-            f"    rc = main.main({argv!r})\ne = err.getvalue()\n"
-            f"assert rc == 2 and e.startswith('error: ') and e.count('\\n') == 1 and {message!r} in e, (rc, e)")
-    assert not _loaded_after(code) & set(HEAVY)
+    assert not _heavy_loaded_by_failing_main(argv, message)
     assert not (tmp_path / "o").exists()
