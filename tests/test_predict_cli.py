@@ -302,7 +302,7 @@ def test_a_second_signal_reaches_the_previous_handler(tmp_path):
     assert s.interrupted == signal.SIGTERM and seen == [signal.SIGTERM]
 
 
-def test_compile_cache_dir_filled_and_off_switch(tiny_hf_dir, tree, tmp_path):
+def test_compile_cache_dir_filled_and_off_switch(tiny_hf_dir, tree, tmp_path, monkeypatch):
     cache = tmp_path / "xla"
     r = run("predict", "--checkpoint", tiny_hf_dir, "--image", tree / "img" / "cat.jpg", "--prompt", "x",
             "--out", tmp_path / "o1", env={"CLIPSEG_JAX_COMPILATION_CACHE": str(cache)})
@@ -314,11 +314,8 @@ def test_compile_cache_dir_filled_and_off_switch(tiny_hf_dir, tree, tmp_path):
     assert r.returncode == 0 and sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries  # all hits
     from clipseg_jax import compile_cache
 
-    os.environ[compile_cache.ENV] = "off"
-    try:
-        assert compile_cache.cache_dir() is None and compile_cache.enable_compilation_cache() is None
-    finally:
-        del os.environ[compile_cache.ENV]
+    monkeypatch.setenv(compile_cache.ENV, "off")  # restored after the test: later CLI runs keep the session's cache
+    assert compile_cache.cache_dir() is None and compile_cache.enable_compilation_cache() is None
 
 
 def test_prompt_names_unit():
