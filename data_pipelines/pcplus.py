@@ -516,7 +516,8 @@ class PCPlus:
             return dict(zip(keys, outs))
 
         ds = tf.data.Dataset.range(start, stop)
-        ds = ds.map(fn, num_parallel_calls=static_parallelism(self.num_parallel_calls), deterministic=True)
+        # fn only wraps numpy: autograph would convert it for nothing, leaving a generated file in the temp dir
+        ds = ds.map(tf.autograph.experimental.do_not_convert(fn), num_parallel_calls=static_parallelism(self.num_parallel_calls), deterministic=True)
         ds = ds.prefetch(self.prefetch_depth)
         opts = static_options()
         opts.deterministic = True
@@ -788,5 +789,6 @@ def eval_dataset(source: Source, batch_size: int = 32, image_size: int = 352,
         return {"image": image, "mask": mask, "phrase": phrase, "task_index": i}
 
     ds = tf.data.Dataset.range(process_index, len(source), process_count)
-    ds = ds.map(fn, num_parallel_calls=static_parallelism(None), deterministic=True).batch(batch_size).prefetch(2)
+    ds = ds.map(tf.autograph.experimental.do_not_convert(fn), num_parallel_calls=static_parallelism(None),
+                deterministic=True).batch(batch_size).prefetch(2)
     return ds.with_options(static_options())
