@@ -7,6 +7,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# For the processes started from here (the xdist workers, the CLI subprocesses): glibc's malloc maps XLA:CPU's
+# per-call buffers afresh on every call, faulted in 4 KiB at a time; advised huge pages cut a train step's page faults
+# ~30x (docs/training.md, "Training on CPU"). Read by the dynamic loader at process start, so not by this process.
+if "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
 # The CLI's persistent compilation cache: one per test session (not the user's), shared by the subprocesses.
 import tempfile  # noqa: E402
 
