@@ -517,7 +517,8 @@ class PCPlus:
 
         ds = tf.data.Dataset.range(start, stop)
         # fn only wraps numpy: autograph would convert it for nothing, leaving a generated file in the temp dir
-        ds = ds.map(tf.autograph.experimental.do_not_convert(fn), num_parallel_calls=static_parallelism(self.num_parallel_calls), deterministic=True)
+        ds = ds.map(tf.autograph.experimental.do_not_convert(fn),
+                    num_parallel_calls=static_parallelism(self.num_parallel_calls), deterministic=True)
         ds = ds.prefetch(self.prefetch_depth)
         opts = static_options()
         opts.deterministic = True
