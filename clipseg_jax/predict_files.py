@@ -337,12 +337,11 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
         decoder = ThreadPoolExecutor(threads, thread_name_prefix="clipseg-decode")
         writer = ThreadPoolExecutor(threads, thread_name_prefix="clipseg-write")
         writing: list[list[Future]] = []
-        stopped = False  # by a signal, before every batch was written
         try:
             ahead = [decoder.submit(decode, j) for j in batches[0]] if batches else []
             for b in range(len(batches)):
                 if signals.received is not None:
-                    stopped = True
+                    summary.interrupted = signals.received
                     break
                 decoded = [f.result() for f in ahead]
                 # the next batch decodes while this one runs on the device
@@ -364,7 +363,7 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
                 while len(writing) > 2 and signals.received is None:
                     for f in writing.pop(0):
                         f.result()
-            if not stopped:  # every batch predicted: its outputs are written, even if a signal comes now
+            else:  # every batch predicted: its outputs are written, even if a signal comes now
                 for futures in writing:
                     for f in futures:
                         f.result()
@@ -373,7 +372,6 @@ def run_stream(predictor, jobs: Sequence[Job], cond: np.ndarray, threshold: floa
             # files being written are finished (they are complete once renamed); queued ones are dropped
             writer.shutdown(wait=True, cancel_futures=True)
             bar.close()
-        summary.interrupted = signals.received if stopped else None
     return summary
 
 
